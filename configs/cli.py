@@ -1,0 +1,58 @@
+"""The shared command-line front end: `--config FILE` plus dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from configs.errors import UserError
+from configs.loader import iter_keys, load_config
+from configs.schema import Config
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+def _keys_help() -> str:
+    lines = ["config keys (override any as key=value):"]
+    for key, _tp, default, help_text, choices in iter_keys():
+        extra = f" {{{','.join(map(str, choices))}}}" if choices else ""
+        lines.append(f"  {key} = {default!r}{extra}\n      {help_text}")
+    return "\n".join(lines)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", "-c", default=None, help="YAML config file (default: built-in defaults)")
+    parser.add_argument("args", nargs="*", help="dotted overrides such as train.lr=3e-5 retriever.top_k=5")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse argv; positional `key=value` items are overrides, the rest stay in `ns.args`."""
+    ns = parser.parse_args(argv)
+    overrides = [a for a in ns.args if _OVERRIDE.match(a)]
+    ns.args = [a for a in ns.args if not _OVERRIDE.match(a)]
+    cfg = load_config(ns.config, overrides)
+    return cfg, ns
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run a command's main(); a UserError becomes one clear line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,206 @@
+"""YAML + dotted overrides → validated `Config`.
+
+A YAML file may start with `extends: other.yaml` (relative to itself) to inherit and override.
+Unknown keys and values of the wrong type raise `ConfigError` naming the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from configs.errors import ConfigError
+from configs.schema import Config
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against type `tp`, with the few conversions YAML and the command line need."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_tp,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: `{key}` must be a list (or a comma-separated string), got {value!r}")
+        return [_coerce(v, item_tp, key, source) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: `{key}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{source}: `{key}` must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: `{key}` must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: `{key}` must be a string, got {value!r}")
+    raise ConfigError(f"{source}: `{key}` has an unsupported type {tp}")
+
+
+def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean `{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}`?)" if close else ""
+    return ConfigError(f"{source}: unknown config key `{key}`{hint}")
+
+
+def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
+    hints = _hints(type(obj))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, list(hints), source)
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: `{key}` is a section; give it as a mapping, not {value!r}")
+            _apply(getattr(obj, name), value, key + ".", source)
+            continue
+        value = _coerce(value, tp, key, source)
+        choices = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{source}: `{key}` must be one of {', '.join(map(str, choices))}; got {value!r}")
+        setattr(obj, name, value)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The chain of (mapping, source) a file resolves to, base first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    chain: list[tuple[dict, str]] = []
+    base = data.pop("extends", None)
+    if base is not None:
+        chain.extend(_read_yaml(path.parent / base, (*seen, path)))
+    chain.append((data, str(path)))
+    return chain
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` is not of the form key=value (e.g. train.lr=3e-5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads `nq:validation` or `a,b` as strings already; anything else odd stays the raw text.
+    if isinstance(value, dict):
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from a YAML file (or the defaults) and `key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        for data, source in _read_yaml(Path(path)):
+            _apply(cfg, data, "", source)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _apply(cfg, _nest(key, value), "", "command line")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if cfg.data.window <= 0 or not 0 <= cfg.data.stride < cfg.data.window:
+        raise ConfigError(f"data.stride ({cfg.data.stride}) must be >= 0 and smaller than data.window ({cfg.data.window})")
+    if not 0 <= cfg.data.dev_fraction + cfg.data.test_fraction < 1:
+        raise ConfigError("data.dev_fraction + data.test_fraction must be in [0, 1)")
+    if cfg.retriever.top_k < 1:
+        raise ConfigError("retriever.top_k must be >= 1")
+    if cfg.knowledge_encoder.prefix_slots is not None and cfg.knowledge_encoder.prefix_slots < 0:
+        raise ConfigError("knowledge_encoder.prefix_slots must be >= 0 (0 or null = segment length)")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a Config (or any section), for saving next to artifacts."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "saved config") -> Config:
+    cfg = Config()
+    _apply(cfg, data, "", source)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from data_prep.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def iter_keys(cls=Config, prefix: str = ""):
+    """Yields (dotted key, type, default, help, choices) for every leaf key, for `--help`."""
+    inst = cls()
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            yield from iter_keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield (f"{prefix}{f.name}", tp, getattr(inst, f.name), f.metadata.get("help", ""),
+                   f.metadata.get("choices"))

@@ -1,0 +1,204 @@
+"""Typed configuration: one dataclass per area, every field with help text.
+
+The public keys of DESIGN.md ("Config keys every user touches") live here under the same dotted
+names. `configs.loader` fills these from YAML plus `key=value` overrides and rejects unknown keys
+and wrong types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A dataclass field with help text (shown by `--help`) and optional allowed values."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SyntheticConfig:
+    n_entities: int = opt(1200, "number of entities (one article each) in the synthetic knowledge world")
+    seed: int = opt(0, "seed of the world generator (independent of the top-level seed)")
+    questions_per_entity: int = opt(4, "questions generated per entity (one per sampled attribute)")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = opt(
+        "synthetic",
+        "corpus: a JSONL file, a SQuAD JSON file, `synthetic` (the generated world), "
+        "`nq:<split>` (Natural Questions via datasets) or `dpr:<psgs_w100.tsv>`",
+    )
+    qa: str = opt("synthetic", "QA set: a JSONL file, a SQuAD JSON file, `synthetic`, `nq:<split>` or `nq_open:<split>`")
+    split: str = opt(
+        "test",
+        "the split evaluation commands read; training commands always train on `train` (split rule: a hash "
+        "of the article title / entity, never of the question)",
+        choices=("train", "dev", "test", "all"),
+    )
+    dev_fraction: float = opt(0.1, "fraction of articles in the dev split")
+    test_fraction: float = opt(0.2, "fraction of articles in the test split")
+    window: int = opt(288, "segment length in retriever tokens (title included)")
+    stride: int = opt(64, "overlap in tokens between consecutive windows of a long document")
+    on_bad_line: str = opt("error", "malformed JSONL lines: `error` stops with file:line, `skip` counts them",
+                           choices=("error", "skip"))
+    num_workers: int = opt(0, "processes for segmentation (0 = all cores)")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class RetrieverFinetuneConfig:
+    lr: float = opt(2e-5, "learning rate of retriever fine-tuning")
+    epochs: float = opt(1.0, "epochs over the (question, gold segment) pairs")
+    batch_size: int = opt(32, "pairs per batch (in-batch negatives)")
+    mini_batch_size: int = opt(0, "if > 0, use the cached (GradCache) InfoNCE loss with this mini-batch size")
+    temperature: float = opt(0.05, "InfoNCE temperature (sentence-transformers scale = 1 / temperature)")
+    hard_negatives: int = opt(1, "hard negatives per question mined from the current index (0 = none)")
+    max_pairs: int = opt(0, "cap on training pairs (0 = all)")
+    reindex: bool = opt(True, "after training, re-embed the store and rebuild the index with the new encoder")
+    eval_limit: int = opt(2000, "questions of the evaluation split used for before/after metrics")
+
+
+@dataclass
+class RetrieverConfig:
+    model: str = opt("embedded:minilm-l6", "bi-encoder: `embedded:minilm-l6`, a hub id or a local path")
+    top_k: int = opt(1, "segments per question")
+    similarity: str = opt("cosine", "score function", choices=("cosine", "dot"))
+    max_seq_length: int = opt(320, "encoder max tokens (must cover window + title)")
+    batch_size: int = opt(64, "encoding batch size")
+    query_prefix: str = opt("", "text prepended to queries (e.g. `query: ` for e5)")
+    passage_prefix: str = opt("", "text prepended to segments (e.g. `passage: ` for e5)")
+    dtype: str = opt("auto", "encoder dtype: auto (fp16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    finetune: RetrieverFinetuneConfig = field(default_factory=RetrieverFinetuneConfig)
+
+
+@dataclass
+class IndexConfig:
+    factory: str = opt("IVF{nlist},Flat", "faiss factory string; `{nlist}` is filled in (e.g. `Flat`, `IVF{nlist},SQ8`)")
+    nlist: int = opt(0, "IVF lists (0 = about 4*sqrt(N), capped so each centroid has >= 39 training points)")
+    nprobe: int = opt(16, "IVF lists visited per query")
+    embed_dtype: str = opt("float16", "dtype of the stored embedding matrix", choices=("float16", "float32"))
+    shard_size: int = opt(4096, "segments per embedding shard (the unit of resume)")
+    train_sample: int = opt(0, "vectors used to train the IVF quantizer (0 = min(N, 256 * nlist))")
+    use_gpu: str = opt("auto", "faiss GPU index: auto, true, false", choices=("auto", "true", "false"))
+
+
+@dataclass
+class KnowledgeEncoderConfig:
+    backbone: str = opt(
+        "lm_kv",
+        "what reads a segment: `lm_kv` (the frozen LM's own per-layer K,V of the segment), `lm_layers` (hidden "
+        "states of the LM's lower layers), `retriever` (the retriever's encoder) or an HF encoder id/path",
+    )
+    prefix_slots: int | None = opt(32, "P, prefix slots per segment (0 or null = segment length)")
+    format_slots: int = opt(8, "learned static slots shared by all questions (answer format), 0 = none")
+    projection: str = opt("identity", "per-layer K/V heads: identity-initialised linear maps, full, or factored",
+                          choices=("identity", "full", "factored"))
+    rank: int = opt(64, "rank of the shared basis of the `factored` projection")
+    lm_layers: int = opt(4, "lower LM layers read by the `lm_layers` backbone")
+    max_segment_tokens: int = opt(320, "segment length cap in LM tokens")
+    store_dtype: str = opt("float16", "dtype of the prefix store", choices=("float16", "bfloat16", "float32"))
+    batch_size: int = opt(16, "segments per batch in precompute")
+
+
+@dataclass
+class LMConfig:
+    model: str = opt("embedded:smollm2-135m", "frozen LM: `embedded:smollm2-135m`, a hub id or a local path")
+    dtype: str = opt("auto", "LM weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    autocast_bf16: bool = opt(False, "run the LM under bf16 autocast on CPU (AVX-512 bf16 machines)")
+    max_new_tokens: int = opt(24, "answer length cap in tokens")
+    max_question_chars: int = opt(1000, "longer questions are refused with a clear error")
+    system_prompt: str = opt("Answer the question with a short phrase.", "system message of the chat template")
+
+
+@dataclass
+class QAConfig:
+    checkpoint: str | None = opt(None, "trained checkpoint directory (run_dir/checkpoints/final by default)")
+    mode: str = opt("dynamic_prefix", "system used by qa.answer and the app (a name from eval.systems)")
+
+
+@dataclass
+class TrainConfig:
+    systems: list[str] = opt(
+        ["dynamic_prefix", "rag_text_tuned", "static_prefix"],
+        "systems trained on the same batches and budget (comma list; variants as NAME@tag, e.g. dynamic_prefix@p32)",
+    )
+    max_steps: int = opt(300, "optimizer steps per system")
+    batch_size: int = opt(8, "questions per step (per process)")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(3e-3, "peak learning rate (AdamW, linear warmup then cosine decay)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    static_slots: int = opt(16, "virtual tokens of the peft prefix of static_prefix and rag_text_tuned")
+    force_gold: bool = opt(True, "put the gold segment first among the retrieved ones during training only")
+    retrieval: str = opt("cached", "`cached` top-k per question (fingerprinted) or `online` with the current retriever",
+                         choices=("cached", "online"))
+    distill_weight: float = opt(1.0, "weight of the KL to the teacher's answer distribution (0 = off)")
+    hidden_distill_weight: float = opt(0.0, "weight of matching the teacher's hidden states on the question")
+    distill_temperature: float = opt(1.0, "softmax temperature of the distillation KL")
+    teacher: str = opt("text", "teacher of the dynamic prefix: the frozen LM reading the segment as `text`, "
+                       "the P = segment length prefix (`pfull`) or `none`", choices=("text", "pfull", "none"))
+    joint_retriever: bool = opt(False, "also update the retriever by marginal likelihood over the top-k (RAG-style)")
+    retriever_lr: float = opt(1e-5, "learning rate of the retriever when joint_retriever is on")
+    eval_every: int = opt(100, "steps between dev evaluations (0 = only at the end)")
+    dev_limit: int = opt(100, "dev questions per evaluation")
+    save_every: int = opt(100, "steps between checkpoints (0 = only final)")
+    log_every: int = opt(10, "steps between log lines")
+    max_train_questions: int = opt(0, "cap on training questions (0 = all)")
+
+
+@dataclass
+class EvalConfig:
+    systems: list[str] = opt(["closed_book", "rag_text", "rag_text_tuned", "static_prefix", "dynamic_prefix"],
+                             "systems evaluated side by side (comma list)")
+    limit: int | None = opt(None, "evaluate the first N questions of the split (null = all)")
+    k_values: list[int] = opt([], "optional sweep of retriever.top_k for the EM-vs-k and latency-vs-k plots")
+    batch_size: int = opt(8, "questions per generation batch")
+    bertscore_model: str = opt("embedded:minilm-l6", "BERTScore backbone: hub id, local path or embedded name")
+    bertscore_num_layers: int | None = opt(6, "BERTScore layer (required for a local path)")
+    bertscore_baseline: str | None = opt(None, "rescale baseline file (.tsv) for BERTScore, null = no rescaling")
+    bleurt_checkpoint: str | None = opt(None, "BLEURT checkpoint path (null = BLEURT skipped, reported as null)")
+    bootstrap: int = opt(1000, "bootstrap resamples for 95% confidence intervals")
+
+
+@dataclass
+class AppConfig:
+    host: str = opt("127.0.0.1", "address the demo binds to (0.0.0.0 exposes it to the network)")
+    port: int = opt(7860, "port of the demo")
+    max_question_chars: int = opt(500, "longest question the demo accepts")
+    max_upload_mb: float = opt(2.0, "largest uploaded file")
+    concurrency_limit: int = opt(2, "requests processed at once (the rest queue)")
+
+
+@dataclass
+class BenchConfig:
+    n_vectors: int = opt(1_000_000, "synthetic vectors of the retrieval-at-scale benchmark")
+    n_queries: int = opt(1000, "held-out queries of the retrieval benchmark")
+    fit_segments: int = opt(20_000, "real segments encoded to fit the Gaussian mixture")
+    nprobe_values: list[int] = opt([1, 4, 16, 64], "nprobe values measured")
+    repeats: int = opt(5, "repetitions of each latency measurement")
+
+
+@dataclass
+class Config:
+    run_dir: str = opt("runs/default", "where commands read and write artifacts")
+    seed: int = opt(0, "one seed for data splits, sampling and training")
+    cache_dir: str | None = opt(None, "model cache (converted GGUF etc.); default $PREFIXRAG_CACHE or ~/.cache/prefixrag")
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda")
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    knowledge_encoder: KnowledgeEncoderConfig = field(default_factory=KnowledgeEncoderConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
