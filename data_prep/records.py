@@ -25,6 +25,7 @@ class QAExample:
     title: str | None = None
     gold_segment_ids: list[int] = field(default_factory=list)
     split: str | None = None
+    relation: str | None = None  # question type (e.g. `person.birthplace`), for per-relation baselines
 
 
 @dataclass
