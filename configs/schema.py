@@ -25,6 +25,12 @@ class SyntheticConfig:
     n_entities: int = opt(1200, "number of entities (one article each) in the synthetic knowledge world")
     seed: int = opt(0, "seed of the world generator (independent of the top-level seed)")
     questions_per_entity: int = opt(4, "questions generated per entity (one per sampled attribute)")
+    name_variants: int = opt(
+        12, "entities per type whose names differ only in their last syllable (1-48; more = harder retrieval)"
+    )
+    distractor_facts: int = opt(
+        3, "facts about related entities in each article (harder reading and retrieval)"
+    )
 
 
 @dataclass
@@ -43,11 +49,28 @@ class DataConfig:
     )
     dev_fraction: float = opt(0.1, "fraction of articles in the dev split")
     test_fraction: float = opt(0.2, "fraction of articles in the test split")
-    window: int = opt(288, "segment length in retriever tokens (title included)")
-    stride: int = opt(64, "overlap in tokens between consecutive windows of a long document")
+    window: int = opt(
+        288,
+        "segment length in retriever tokens, title included (title + text <= window, [CLS]/[SEP] excluded)",
+    )
+    stride: int = opt(
+        64,
+        "OVERLAP in tokens between consecutive windows of a long document (Hugging Face "
+        "`return_overflowing_tokens` convention): window starts advance by window - title - stride tokens",
+    )
     on_bad_line: str = opt("error", "malformed JSONL lines: `error` stops with file:line, `skip` counts them",
                            choices=("error", "skip"))
     num_workers: int = opt(0, "processes for segmentation (0 = all cores)")
+    chunk_docs: int = opt(256, "documents per segmentation task sent to a worker process")
+    nq_dataset: str = opt(
+        "google-research-datasets/natural_questions",
+        "dataset (hub id or local folder of its parquet files) read by the `nq:<split>` loader",
+    )
+    nq_open_dataset: str = opt(
+        "google-research-datasets/nq_open",
+        "dataset (hub id or local folder) read by the `nq_open:<split>` loader",
+    )
+    hf_cache_dir: str | None = opt(None, "cache of the `datasets` library for NQ (null = its default)")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -62,6 +85,8 @@ class RetrieverFinetuneConfig:
     max_pairs: int = opt(0, "cap on training pairs (0 = all)")
     reindex: bool = opt(True, "after training, re-embed the store and rebuild the index with the new encoder")
     eval_limit: int = opt(2000, "questions of the evaluation split used for before/after metrics")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0 = the epochs decide)")
+    loss_pairs: int = opt(128, "training pairs on which the InfoNCE loss is measured before and after")
 
 
 @dataclass
@@ -87,6 +112,7 @@ class IndexConfig:
     shard_size: int = opt(4096, "segments per embedding shard (the unit of resume)")
     train_sample: int = opt(0, "vectors used to train the IVF quantizer (0 = min(N, 256 * nlist))")
     use_gpu: str = opt("auto", "faiss GPU index: auto, true, false", choices=("auto", "true", "false"))
+    verify_sha256: bool = opt(True, "check the index file's sha256 against its manifest on load (slow for huge indexes)")
 
 
 @dataclass
@@ -143,8 +169,9 @@ class TrainConfig:
     distill_weight: float = opt(1.0, "weight of the KL to the teacher's answer distribution (0 = off)")
     hidden_distill_weight: float = opt(0.0, "weight of matching the teacher's hidden states on the question")
     distill_temperature: float = opt(1.0, "softmax temperature of the distillation KL")
-    teacher: str = opt("text", "teacher of the dynamic prefix: the frozen LM reading the segment as `text`, "
-                       "the P = segment length prefix (`pfull`) or `none`", choices=("text", "pfull", "none"))
+    teacher: str = opt("pfull", "teacher of a compressed dynamic prefix: `pfull`, the same encoder at P = segment "
+                       "length (the frozen LM's own K,V of the text), trained alongside with CE; or `none`",
+                       choices=("pfull", "none"))
     joint_retriever: bool = opt(False, "also update the retriever by marginal likelihood over the top-k (RAG-style)")
     retriever_lr: float = opt(1e-5, "learning rate of the retriever when joint_retriever is on")
     eval_every: int = opt(100, "steps between dev evaluations (0 = only at the end)")
@@ -166,6 +193,10 @@ class EvalConfig:
     bertscore_baseline: str | None = opt(None, "rescale baseline file (.tsv) for BERTScore, null = no rescaling")
     bleurt_checkpoint: str | None = opt(None, "BLEURT checkpoint path (null = BLEURT skipped, reported as null)")
     bootstrap: int = opt(1000, "bootstrap resamples for 95% confidence intervals")
+    metrics: list[str] = opt(["em", "f1", "contains", "bertscore_f1", "bleurt"],
+                             "answer metrics computed (comma list); the others are reported as null (skipped)")
+    metric_batch_size: int = opt(32, "pairs per forward pass of the model-based metrics (BERTScore, BLEURT)")
+    bleurt_max_length: int = opt(512, "BLEURT input cap in tokens for reference + candidate (BLEURT-20: 512)")
 
 
 @dataclass
