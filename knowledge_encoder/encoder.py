@@ -1,0 +1,221 @@
+"""The knowledge encoder: frozen segment features -> per-layer K/V prefixes for a frozen LLaMA-family LM.
+
+Read top to bottom: pooling (n tokens -> P slots), projection heads (2*L of them: a K and a V head per
+LM layer), format slots (a small learned static prefix), and `KnowledgeEncoder`, which wires them.
+
+Shapes: L layers, H = num_key_value_heads (GQA-aware: prefixes live in K/V space, not query space),
+D = head_dim, N segments, n tokens per segment, P slots per segment, d backbone width.
+Why the default warm start: an encoder trained from scratch learned nothing in 12 CPU minutes, while the
+LM's own K,V of a segment already carry its facts (DESIGN.md "What we already measured"); with P = n and
+identity heads the prefix equals the LM having read the segment, and compression is learned from there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from configs.schema import KnowledgeEncoderConfig
+from knowledge_encoder.backbones import SegmentFeatures
+from knowledge_encoder.prefix import Prefix
+
+
+def lm_dims(config) -> tuple[int, int, int]:
+    """(L, H_kv, D) of a LLaMA-family config, honouring an explicit head_dim."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, kv_heads, head_dim
+
+
+def _locality_bias(slots: int, mask: torch.Tensor) -> torch.Tensor:
+    """(N, P, n) additive bias so slot j starts out pooling the j-th of P equal chunks of each segment.
+
+    Content attention (learned queries) is added on top; with zero queries this is chunked mean pooling.
+    """
+    lengths = mask.sum(1, keepdim=True).clamp(min=1).float()  # (N, 1)
+    n = mask.shape[1]
+    pos = (torch.arange(n, device=mask.device).float()[None, :] + 0.5) / lengths  # (N, n) in (0, 1]
+    centre = (torch.arange(slots, device=mask.device).float() + 0.5) / slots  # (P,)
+    width = 0.5 / slots
+    return -((pos[:, None, :] - centre[None, :, None]) / width) ** 2  # (N, P, n)
+
+
+class KVAttentionPool(nn.Module):
+    """Compress a segment's per-layer K,V from n tokens to P slots by learned attention per layer and head.
+
+    queries: (L, H, P, D). For layer l: A = softmax(q K^T / sqrt(D) + locality) over the n real tokens,
+    K' = A K and V' = A V, each (N, H, P, D).
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, slots: int, head_dim: int):
+        super().__init__()
+        self.slots = slots
+        self.queries = nn.Parameter(torch.zeros(num_layers, kv_heads, slots, head_dim))
+
+    def forward(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor):
+        bias = _locality_bias(self.slots, mask)[:, None]  # (N, 1, P, n)
+        neg = torch.finfo(torch.float32).min
+        bias = bias.masked_fill(~mask[:, None, None, :], neg)
+        scale = 1.0 / math.sqrt(keys[0].shape[-1])
+        out_k, out_v = [], []
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            k = k.float()
+            logits = torch.einsum("hpd,nhtd->nhpt", self.queries[layer].float(), k) * scale + bias
+            attn = logits.softmax(-1)  # (N, H, P, n)
+            out_k.append(attn @ k)
+            out_v.append(attn @ v.float())
+        return out_k, out_v
+
+
+class KVProjection(nn.Module):
+    """The 2*L heads for K/V-space features: linear maps initialised to the identity.
+
+    identity: per layer and head a D x D map (L*2*H*D*D parameters);
+    full:     per layer an (H*D) x (H*D) map that may mix heads;
+    factored: per layer identity + A_l B (a shared rank-r basis B), so a 7B LM stays cheap.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, mode: str = "identity", rank: int = 64):
+        super().__init__()
+        self.mode = mode
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        width = kv_heads * head_dim
+        if mode == "identity":
+            eye = torch.eye(head_dim).expand(num_layers, 2, kv_heads, head_dim, head_dim)
+            self.weight = nn.Parameter(eye.clone())
+        elif mode == "full":
+            self.weight = nn.Parameter(torch.eye(width).expand(num_layers, 2, width, width).clone())
+        elif mode == "factored":
+            self.basis = nn.Parameter(torch.randn(2, rank, width) / math.sqrt(width))
+            self.up = nn.Parameter(torch.zeros(num_layers, 2, width, rank))
+        else:
+            raise ValueError(f"unknown projection {mode!r}")
+
+    def forward(self, x: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+        """x: (N, H, S, D) -> (N, H, S, D); which = 0 for K, 1 for V."""
+        if self.mode == "identity":
+            return torch.einsum("nhsd,hde->nhse", x, self.weight[layer, which])
+        n, h, s, d = x.shape
+        flat = x.transpose(1, 2).reshape(n, s, h * d)
+        if self.mode == "full":
+            flat = flat @ self.weight[layer, which]
+        else:
+            flat = flat + (flat @ self.basis[which].T) @ self.up[layer, which].T
+        return flat.view(n, s, h, d).transpose(1, 2)
+
+
+class HiddenPool(nn.Module):
+    """P learned queries attending over backbone token states: (N, n, d) -> (N, P, d)."""
+
+    def __init__(self, dim: int, slots: int, heads: int = 4):
+        super().__init__()
+        self.slots = slots
+        self.queries = nn.Parameter(torch.randn(slots, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = self.queries.expand(hidden.shape[0], -1, -1).to(hidden.dtype)
+        out, _ = self.attn(q, hidden, hidden, key_padding_mask=~mask, need_weights=False)
+        return out
+
+
+class HiddenToKV(nn.Module):
+    """The 2*L projection heads from backbone states (N, S, d) to per-layer K, V (N, H, S, D).
+
+    full: one Linear(d, H*D) per layer and K/V; factored: a shared Linear(d, r) then Linear(r, H*D) per head.
+    """
+
+    def __init__(self, dim: int, num_layers: int, kv_heads: int, head_dim: int, factored: bool, rank: int):
+        super().__init__()
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        width = kv_heads * head_dim
+        self.shared = nn.Linear(dim, rank) if factored else None
+        in_dim = rank if factored else dim
+        self.heads = nn.ModuleList(nn.Linear(in_dim, width) for _ in range(2 * num_layers))
+
+    def forward(self, hidden: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+        x = self.shared(hidden) if self.shared is not None else hidden
+        out = self.heads[2 * layer + which](x)  # (N, S, H*D)
+        n, s, _ = out.shape
+        return out.view(n, s, self.kv_heads, self.head_dim).transpose(1, 2)
+
+
+class FormatSlots(nn.Module):
+    """A small learned static prefix (L, 2, H, S, D) shared by all questions: it carries the answer format."""
+
+    def __init__(self, init: Prefix):
+        super().__init__()
+        k = torch.stack([t[0] for t in init.keys])  # (L, H, S, D)
+        v = torch.stack([t[0] for t in init.values])
+        self.kv = nn.Parameter(torch.stack([k, v], dim=1).float().clone())
+        self.next_position = init.next_position
+
+    def forward(self, batch: int) -> Prefix:
+        kv = self.kv
+        slots = kv.shape[3]
+        return Prefix(
+            keys=[kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1) for layer in range(kv.shape[0])],
+            values=[kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1) for layer in range(kv.shape[0])],
+            mask=torch.ones(batch, slots, dtype=torch.bool, device=kv.device),
+            next_position=self.next_position,
+        )
+
+
+class KnowledgeEncoder(nn.Module):
+    """Segment features -> one Prefix per segment, plus the format slots shared by every question."""
+
+    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None,
+                 format_init: Prefix | None = None):
+        super().__init__()
+        self.cfg = cfg
+        num_layers, kv_heads, head_dim = lm_dims(lm_config)
+        self.slots = cfg.prefix_slots or 0  # 0 = one slot per segment token
+        self.next_position = cfg.max_segment_tokens
+        self.kv_backbone = cfg.backbone == "lm_kv"
+        if self.kv_backbone:
+            self.pool = KVAttentionPool(num_layers, kv_heads, self.slots, head_dim) if self.slots else None
+            self.proj = KVProjection(num_layers, kv_heads, head_dim, cfg.projection, cfg.rank)
+        else:
+            if feature_dim is None:
+                raise ValueError("a hidden-state backbone needs feature_dim")
+            self.pool = HiddenPool(feature_dim, self.slots) if self.slots else None
+            self.heads = HiddenToKV(feature_dim, num_layers, kv_heads, head_dim,
+                                    factored=cfg.projection == "factored", rank=cfg.rank)
+        self.format = FormatSlots(format_init) if format_init is not None and cfg.format_slots else None
+
+    def forward(self, features: SegmentFeatures, full: bool = False) -> Prefix:
+        """N segments -> Prefix with keys (N, H, P, D) per layer (P = n when prefix_slots is 0 or `full`).
+
+        `full=True` skips the pooling: the P = segment-length path, the teacher of the compressed one.
+        """
+        mask = features.mask
+        if self.kv_backbone:
+            keys, values = features.keys, features.values
+            if self.pool is not None and not full:
+                keys, values = self.pool(keys, values, mask)
+                # A slot is real when its segment has at least one token.
+                mask = mask.any(1, keepdim=True).expand(-1, self.slots)
+            keys = [self.proj(k.float(), layer, 0) for layer, k in enumerate(keys)]
+            values = [self.proj(v.float(), layer, 1) for layer, v in enumerate(values)]
+        else:
+            hidden = features.hidden.float()
+            if self.pool is not None and not full:
+                hidden = self.pool(hidden, mask)
+                mask = mask.any(1, keepdim=True).expand(-1, self.slots)
+            num_layers = len(self.heads.heads) // 2
+            keys = [self.heads(hidden, layer, 0) for layer in range(num_layers)]
+            values = [self.heads(hidden, layer, 1) for layer in range(num_layers)]
+        return Prefix(keys=keys, values=values, mask=mask.contiguous(), next_position=self.next_position)
+
+    def format_prefix(self, batch: int) -> Prefix | None:
+        return None if self.format is None else self.format(batch)
+
+    def build_prefix(self, features: SegmentFeatures, k: int, full: bool = False) -> Prefix:
+        """Features of B*k segments (question-major) -> the full prefix of B questions: format slots + k*P slots."""
+        segs = Prefix.group_segments(self(features, full=full), k)
+        fmt = self.format_prefix(segs.batch_size)
+        return segs if fmt is None else Prefix.concat([fmt, segs])

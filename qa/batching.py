@@ -1,0 +1,132 @@
+"""From questions + retrieved segments to a system's tensors (`QABatch`), with a cache of frozen features.
+
+Prompts are left-padded so that answers (during training) and the generation point sit at the end of
+every row; `qa.lm_forward.prompt_positions` keeps RoPE positions independent of the padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from knowledge_encoder.backbones import SegmentFeatures
+from qa.model import IGNORE, QABatch
+from qa.prompting import PromptTemplate, TextSegment
+from qa.systems import SystemName
+
+
+@dataclass
+class Example:
+    """A question with the k segments a system reads (retrieved, or forced/ablated) and gold answers."""
+
+    question: str
+    segments: list[TextSegment] = field(default_factory=list)
+    segment_ids: list[int | None] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    id: str = ""
+
+
+def _feature_bytes(f: SegmentFeatures) -> int:
+    tensors = (f.keys or []) + (f.values or []) + ([f.hidden] if f.hidden is not None else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FeatureCache:
+    """Frozen backbone features per segment, computed on demand and kept (LRU) up to `max_bytes`.
+
+    Keys are segment ids, or a hash of the text for segments without one (e.g. pasted documents).
+    Stored unpadded on the CPU in `dtype` (bf16 halves the memory of K,V features).
+    """
+
+    def __init__(self, backbone, max_bytes: int = 4 << 30, dtype: torch.dtype = torch.bfloat16, batch_size: int = 16):
+        self.backbone = backbone
+        self.max_bytes = max_bytes
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self._items: OrderedDict[object, SegmentFeatures] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(segment: TextSegment, segment_id: int | None) -> object:
+        if segment_id is not None:
+            return int(segment_id)
+        return hashlib.sha1(f"{segment.title}\x00{segment.text}".encode()).hexdigest()
+
+    def get(self, segments: Sequence[TextSegment], segment_ids: Sequence[int | None], device) -> SegmentFeatures:
+        """Features of `segments`, right-padded and stacked: (N, ...) on `device`."""
+        keys = [self.key(s, i) for s, i in zip(segments, segment_ids)]
+        missing = list(OrderedDict.fromkeys(k for k in keys if k not in self._items))
+        if missing:
+            by_key = dict(zip(keys, segments))
+            for start in range(0, len(missing), self.batch_size):
+                chunk = missing[start:start + self.batch_size]
+                feats = self.backbone.features([by_key[k] for k in chunk]).split()
+                for k, f in zip(chunk, feats):
+                    self._put(k, f.to(device="cpu", dtype=self.dtype))
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        parts = []
+        for k in keys:
+            self._items.move_to_end(k)
+            parts.append(self._items[k])
+        dtype = torch.float32
+        return SegmentFeatures.pad_stack(parts).to(device=device, dtype=dtype)
+
+    def _put(self, key, feats: SegmentFeatures) -> None:
+        size = _feature_bytes(feats)
+        self._items[key] = feats
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= _feature_bytes(old)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and 0/1 mask with every row right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Batcher:
+    """Builds each system's QABatch for the same examples (the same batches for every system)."""
+
+    def __init__(self, template: PromptTemplate, cache: FeatureCache | None, device):
+        self.template = template
+        self.cache = cache
+        self.device = device
+
+    def build(self, examples: Sequence[Example], system: SystemName, with_labels: bool) -> QABatch:
+        rows, label_rows = [], []
+        for ex in examples:
+            prompt = self.template.prompt_ids(ex.question, ex.segments if system.kind.text else ())
+            if with_labels:
+                answer = self.template.answer_ids(ex.answers[0])
+                rows.append(prompt + answer)
+                label_rows.append([IGNORE] * len(prompt) + answer)
+            else:
+                rows.append(prompt)
+        pad_id = self.template.tokenizer.pad_token_id or 0
+        ids, mask = left_pad(rows, pad_id, self.device)
+        labels = None
+        if with_labels:
+            labels, _ = left_pad(label_rows, IGNORE, self.device)
+        features, k = None, 0
+        if system.kind.dynamic:
+            k = len(examples[0].segments)
+            if any(len(ex.segments) != k for ex in examples):
+                raise ValueError("every question of a batch needs the same number of segments")
+            segments = [s for ex in examples for s in ex.segments]
+            seg_ids = [i for ex in examples for i in (ex.segment_ids or [None] * k)]
+            features = self.cache.get(segments, seg_ids, self.device)
+        return QABatch(input_ids=ids, attention_mask=mask, labels=labels, features=features, k=k)
