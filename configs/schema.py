@@ -198,6 +198,10 @@ class EvalConfig:
                              "answer metrics computed (comma list); the others are reported as null (skipped)")
     metric_batch_size: int = opt(32, "pairs per forward pass of the model-based metrics (BERTScore, BLEURT)")
     bleurt_max_length: int = opt(512, "BLEURT input cap in tokens for reference + candidate (BLEURT-20: 512)")
+    out_dir: str | None = opt(None, "where eval.run writes predictions.jsonl, metrics.json, report.md and plots "
+                              "(null = run_dir/eval)")
+    resume: bool = opt(True, "reuse predictions already in predictions.jsonl that were made with the same setup "
+                       "(LM, checkpoint, index, store, batch size); false = recompute the evaluated systems")
 
 
 @dataclass
@@ -207,6 +211,11 @@ class AppConfig:
     max_question_chars: int = opt(500, "longest question the demo accepts")
     max_upload_mb: float = opt(2.0, "largest uploaded file")
     concurrency_limit: int = opt(2, "requests processed at once (the rest queue)")
+    queue_size: int = opt(32, "requests waiting in the queue at most (more are refused with a message)")
+    max_top_k: int = opt(10, "largest top-k the demo accepts (the slider's maximum)")
+    max_paste_chars: int = opt(100_000, "longest pasted document in characters")
+    max_upload_files: int = opt(10, "files per upload")
+    examples: int = opt(6, "example questions shown under the question box (from the store's data.split)")
 
 
 @dataclass

@@ -157,3 +157,14 @@ class EncoderBackbone:
 
     def features(self, segments: Sequence[TextSegment]) -> SegmentFeatures:
         return self.features_from_ids(self.tokenize(segments))
+
+
+def build_backbone(backbone: str, lm, template: PromptTemplate, max_tokens: int, lm_layers: int,
+                   retriever_model: str, device):
+    """`lm_kv` / `lm_layers` read with the frozen LM; `retriever` or an HF id/path read with that encoder."""
+    if backbone in ("lm_kv", "lm_layers"):
+        return LMBackbone(lm, template, max_tokens, kind=backbone, lm_layers=lm_layers)
+    from configs.models import resolve_encoder_path
+
+    spec = retriever_model if backbone == "retriever" else backbone
+    return EncoderBackbone(resolve_encoder_path(spec), max_tokens, device)

@@ -147,12 +147,19 @@ class HiddenToKV(nn.Module):
 class FormatSlots(nn.Module):
     """A small learned static prefix (L, 2, H, S, D) shared by all questions: it carries the answer format."""
 
-    def __init__(self, init: Prefix):
+    def __init__(self, num_layers: int, kv_heads: int, slots: int, head_dim: int):
         super().__init__()
-        k = torch.stack([t[0] for t in init.keys])  # (L, H, S, D)
-        v = torch.stack([t[0] for t in init.values])
-        self.kv = nn.Parameter(torch.stack([k, v], dim=1).float().clone())
-        self.next_position = init.next_position
+        self.kv = nn.Parameter(torch.zeros(num_layers, 2, kv_heads, slots, head_dim))
+
+    @torch.no_grad()
+    def init_from(self, init: Prefix) -> None:
+        """Start from real K,V (the LM's own K,V of a short instruction): a random start trains slower."""
+        slots = self.kv.shape[3]
+        if init.length < slots:
+            raise ValueError(f"format init has {init.length} slots, need {slots}")
+        k = torch.stack([t[0, :, :slots] for t in init.keys])  # (L, H, S, D)
+        v = torch.stack([t[0, :, :slots] for t in init.values])
+        self.kv.copy_(torch.stack([k, v], dim=1))
 
     def forward(self, batch: int) -> Prefix:
         kv = self.kv
@@ -161,15 +168,14 @@ class FormatSlots(nn.Module):
             keys=[kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1) for layer in range(kv.shape[0])],
             values=[kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1) for layer in range(kv.shape[0])],
             mask=torch.ones(batch, slots, dtype=torch.bool, device=kv.device),
-            next_position=self.next_position,
+            next_position=slots,
         )
 
 
 class KnowledgeEncoder(nn.Module):
     """Segment features -> one Prefix per segment, plus the format slots shared by every question."""
 
-    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None,
-                 format_init: Prefix | None = None):
+    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         num_layers, kv_heads, head_dim = lm_dims(lm_config)
@@ -185,7 +191,7 @@ class KnowledgeEncoder(nn.Module):
             self.pool = HiddenPool(feature_dim, self.slots) if self.slots else None
             self.heads = HiddenToKV(feature_dim, num_layers, kv_heads, head_dim,
                                     factored=cfg.projection == "factored", rank=cfg.rank)
-        self.format = FormatSlots(format_init) if format_init is not None and cfg.format_slots else None
+        self.format = FormatSlots(num_layers, kv_heads, cfg.format_slots, head_dim) if cfg.format_slots else None
 
     def forward(self, features: SegmentFeatures, full: bool = False) -> Prefix:
         """N segments -> Prefix with keys (N, H, P, D) per layer (P = n when prefix_slots is 0 or `full`).

@@ -68,6 +68,20 @@ def answer_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the relative squared error of the student's hidden states (B, T, d) on real tokens.
+
+    A dense, per-layer signal: every layer's read of the prefix is pulled towards the teacher's read of the
+    full segment, instead of only the final answer distribution.
+    """
+    keep = mask.bool()
+    losses = []
+    for s, t in zip(student[1:], teacher[1:]):
+        s, t = s[keep].float(), t[keep].float()
+        losses.append(((s - t) ** 2).sum(-1).mean() / (t**2).sum(-1).mean().clamp(min=1e-6))
+    return torch.stack(losses).mean()
+
+
 class PrefixQAModel(nn.Module):
     """Trainable prefix of one system (a knowledge encoder, a peft static prefix, or nothing)."""
 
@@ -100,16 +114,21 @@ class PrefixQAModel(nn.Module):
     def forward(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits over the answer window (B, W, V), loss or None when the batch has no labels)."""
         window = answer_window(batch.labels) if batch.labels is not None else 1
+        hidden = self.distills and self.weights.hidden > 0 and batch.labels is not None
         out = forward_with_prefix(self.lm, batch.input_ids, batch.attention_mask, self.prefix(batch),
-                                  logits_to_keep=window)
+                                  logits_to_keep=window, output_hidden_states=hidden)
         if batch.labels is None:
             return out.logits, None
         loss = answer_ce(out.logits, batch.labels)
         if self.distills:
             teacher = forward_with_prefix(self.lm, batch.input_ids, batch.attention_mask,
-                                          self.prefix(batch, full=True), logits_to_keep=window)
+                                          self.prefix(batch, full=True), logits_to_keep=window,
+                                          output_hidden_states=hidden)
             # The teacher path learns the answer format by CE too; the student matches its distribution.
             loss = loss + answer_ce(teacher.logits, batch.labels)
             loss = loss + self.weights.distill * answer_kl(out.logits, teacher.logits.detach(), batch.labels,
                                                            self.weights.temperature)
+            if hidden:
+                loss = loss + self.weights.hidden * hidden_mse(
+                    out.hidden_states, tuple(h.detach() for h in teacher.hidden_states), batch.attention_mask)
         return out.logits, loss

@@ -1,0 +1,149 @@
+"""The prefix store: every segment's prefix computed once, so serving skips the backbone and the encoder.
+
+    run_dir/prefixes/<system>/manifest.json
+    run_dir/prefixes/<system>/shard-00000.safetensors     ids (N,), keys/values (N, L, H, P, D), mask (N, P)
+
+The manifest records the sha256 of the knowledge encoder's weights and the segment store's fingerprint;
+opening a store made by another encoder checkpoint or over another segment store is refused. Shards are
+written atomically one at a time, so an interrupted precompute resumes after the last finished shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from configs.errors import UserError
+from data_prep.atomic import atomic_write_json
+from knowledge_encoder.prefix import Prefix
+
+MANIFEST = "manifest.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def prefix_to_rows(prefix: Prefix) -> dict[str, torch.Tensor]:
+    """Per-segment prefix (N, H, P, D) per layer -> keys/values (N, L, H, P, D) and mask (N, P)."""
+    return {
+        "keys": torch.stack(prefix.keys, dim=1),
+        "values": torch.stack(prefix.values, dim=1),
+        "mask": prefix.mask,
+    }
+
+
+class PrefixStoreWriter:
+    """Append shards of segment prefixes; `done_ids()` tells a resumed run what to skip."""
+
+    def __init__(self, directory: Path, meta: dict, dtype: str = "float16"):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype
+        path = self.dir / MANIFEST
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if any(old.get(k) != v for k, v in meta.items()):
+                # Another encoder or store: start over rather than mix prefixes of two models.
+                for f in self.dir.glob("shard-*.safetensors"):
+                    f.unlink()
+                old = None
+        else:
+            old = None
+        self.manifest = old or {**meta, "dtype": dtype, "shards": [], "complete": False, "count": 0}
+
+    def done_ids(self) -> set[int]:
+        done = set()
+        for shard in self.manifest["shards"]:
+            with safe_open(str(self.dir / shard["file"]), framework="pt") as f:
+                done.update(f.get_tensor("ids").tolist())
+        return done
+
+    def add(self, ids: list[int], prefix: Prefix) -> None:
+        rows = prefix_to_rows(prefix)
+        tensors = {
+            "ids": torch.tensor(ids, dtype=torch.int64),
+            "keys": rows["keys"].to(DTYPES[self.dtype]).contiguous().cpu(),
+            "values": rows["values"].to(DTYPES[self.dtype]).contiguous().cpu(),
+            "mask": rows["mask"].contiguous().cpu(),
+        }
+        name = shard_name(len(self.manifest["shards"]))
+        tmp = self.dir / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(self.dir / name)
+        self.manifest["shards"].append({"file": name, "count": len(ids), "slots": int(rows["mask"].shape[1])})
+        self.manifest["count"] += len(ids)
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+
+    def finish(self) -> None:
+        self.manifest["complete"] = True
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+
+
+class PrefixStore:
+    """Read-only view: `get(ids)` -> Prefix (N, H, P, D) per layer, or None if an id is missing."""
+
+    def __init__(self, directory: Path, manifest: dict):
+        self.dir = Path(directory)
+        self.manifest = manifest
+        self.next_position = manifest["next_position"]
+        self._where: dict[int, tuple[int, int]] = {}
+        self._handles = []
+        for s, shard in enumerate(manifest["shards"]):
+            handle = safe_open(str(self.dir / shard["file"]), framework="pt")
+            self._handles.append(handle)
+            for row, sid in enumerate(handle.get_tensor("ids").tolist()):
+                self._where[sid] = (s, row)
+
+    @classmethod
+    def open(cls, directory: Path, encoder_sha256: str, store_fingerprint: str) -> PrefixStore:
+        path = Path(directory) / MANIFEST
+        if not path.is_file():
+            raise UserError(f"no prefix store at {directory}; run `python -m knowledge_encoder.precompute --config C`")
+        manifest = json.loads(path.read_text())
+        if manifest.get("encoder_sha256") != encoder_sha256:
+            raise UserError(f"the prefix store {directory} was computed by another knowledge encoder checkpoint; "
+                            "rerun `python -m knowledge_encoder.precompute --config C`")
+        if manifest.get("store_fingerprint") != store_fingerprint:
+            raise UserError(f"the prefix store {directory} was computed over another segment store; "
+                            "rerun `python -m knowledge_encoder.precompute --config C`")
+        if not manifest.get("complete"):
+            raise UserError(f"the prefix store {directory} is incomplete (interrupted?); rerun precompute to finish it")
+        return cls(directory, manifest)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, segment_id: int) -> bool:
+        return segment_id in self._where
+
+    def get(self, ids: list[int], device=None) -> Prefix | None:
+        if any(i not in self._where for i in ids):
+            return None
+        keys, values, masks = [], [], []
+        width = 0
+        for sid in ids:
+            s, row = self._where[sid]
+            h = self._handles[s]
+            keys.append(h.get_slice("keys")[row:row + 1])
+            values.append(h.get_slice("values")[row:row + 1])
+            masks.append(h.get_slice("mask")[row:row + 1])
+            width = max(width, masks[-1].shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            extra = width - t.shape[dim]
+            if not extra:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        k = torch.cat([pad(t, 3) for t in keys]).to(device=device, dtype=torch.float32)  # (N, L, H, P, D)
+        v = torch.cat([pad(t, 3) for t in values]).to(device=device, dtype=torch.float32)
+        mask = torch.cat([pad(m, 1) for m in masks]).to(device)
+        return Prefix(keys=list(k.unbind(1)), values=list(v.unbind(1)), mask=mask, next_position=self.next_position)

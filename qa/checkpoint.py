@@ -1,0 +1,143 @@
+"""Checkpoints: `run_dir/checkpoints/{step-N,final}/` with one sub-folder per trained system + manifest.json.
+
+    <system>/knowledge_encoder.safetensors + config.yaml    dynamic systems
+    <system>/adapter_config.json + adapter_model.safetensors + config.yaml   peft static prefixes
+    manifest.json   systems, LM fingerprint, retriever encoder, P, data fingerprints
+
+Only safetensors, JSON and YAML: nothing here unpickles. A checkpoint made for another LM is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from configs.errors import UserError
+from configs.loader import config_from_dict, to_dict
+from configs.models import lm_fingerprint
+from configs.schema import Config, KnowledgeEncoderConfig
+from data_prep.atomic import atomic_dir, atomic_write_json
+from knowledge_encoder.encoder import KnowledgeEncoder
+from knowledge_encoder.prefix import Prefix
+from qa.model import LossWeights, PrefixQAModel
+from qa.prompting import PromptTemplate, TextSegment
+from qa.static_prefix import StaticPrefix
+from qa.systems import SystemName, parse_system
+
+MANIFEST = "manifest.json"
+ENCODER_WEIGHTS = "knowledge_encoder.safetensors"
+# The LM's own K,V of this text initialise static and format slots (repeated if more slots are asked for).
+INSTRUCTION = (
+    "Read the context and answer the question with a short phrase taken from it, "
+    "without a full sentence and without explanation. "
+)
+
+
+def instruction_prefix(backbone_lm, template: PromptTemplate, slots: int) -> Prefix:
+    """(1, H, slots, D) per layer: the frozen LM's K,V of the instruction text."""
+    from knowledge_encoder.backbones import LMBackbone
+
+    reader = LMBackbone(backbone_lm, template, max_tokens=10_000)
+    ids = template.segment_ids(TextSegment("Instructions", INSTRUCTION), 10_000)
+    while len(ids) < slots:
+        ids = ids + ids
+    feats = reader.features_from_ids([ids[:slots]])
+    return Prefix(feats.keys, feats.values, feats.mask, next_position=slots)
+
+
+def encoder_config(system: SystemName, cfg: Config) -> KnowledgeEncoderConfig:
+    return dataclasses.replace(cfg.knowledge_encoder, prefix_slots=system.prefix_slots(cfg.knowledge_encoder.prefix_slots))
+
+
+def loss_weights(cfg: Config) -> LossWeights:
+    t = cfg.train
+    weight = t.distill_weight if t.teacher == "pfull" else 0.0
+    return LossWeights(distill=weight, hidden=t.hidden_distill_weight, temperature=t.distill_temperature)
+
+
+def new_model(system: SystemName, cfg: Config, lm, template: PromptTemplate, feature_dim: int | None) -> PrefixQAModel:
+    """A freshly initialised trainable system (warm-started from the LM's own K,V)."""
+    encoder = static = None
+    if system.kind.dynamic:
+        encoder = KnowledgeEncoder(encoder_config(system, cfg), lm.config, feature_dim)
+        if encoder.format is not None:
+            encoder.format.init_from(instruction_prefix(lm, template, cfg.knowledge_encoder.format_slots))
+    if system.kind.static:
+        init = instruction_prefix(lm, template, cfg.train.static_slots)
+        static = StaticPrefix(lm.config, cfg.train.static_slots, init=init, base_model=cfg.lm.model)
+    return PrefixQAModel(system, lm, encoder, static, loss_weights(cfg))
+
+
+def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Config, lm_config,
+                    extra: dict | None = None) -> None:
+    """Write all systems atomically: a crash leaves the previous checkpoint (or none), never half of one."""
+    manifest = {
+        "format": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "lm": {"model": cfg.lm.model, **lm_fingerprint(lm_config)},
+        "retriever_model": cfg.retriever.model,
+        "systems": {},
+        **(extra or {}),
+    }
+    with atomic_dir(directory) as tmp:
+        for name, model in models.items():
+            sub = tmp / name
+            sub.mkdir()
+            (sub / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            info = {"base": model.system.base, "trainable_parameters": sum(p.numel() for p in model.parameters())}
+            if model.encoder is not None:
+                state = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+                save_file(state, str(sub / ENCODER_WEIGHTS))
+                info["knowledge_encoder"] = to_dict(model.encoder.cfg)
+                info["prefix_slots"] = model.encoder.slots
+            if model.static is not None:
+                model.static.save(sub)
+                info["static_slots"] = model.static.slots
+            manifest["systems"][name] = info
+        atomic_write_json(tmp / MANIFEST, manifest)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{directory} is not a checkpoint (no {MANIFEST}); train one with `python -m qa.train`")
+    return json.loads(path.read_text())
+
+
+def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, int | None] | None = None,
+                lm_spec: str | None = None) -> dict[str, PrefixQAModel]:
+    """Load the named systems (checkpoint sub-folders) for `lm`; refuses another LM or a missing system."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    want = lm_fingerprint(lm.config)
+    have = {k: v for k, v in manifest["lm"].items() if k != "model"}
+    if have != want:
+        raise UserError(
+            f"checkpoint {directory} was trained for LM {manifest['lm'].get('model')} ({have}); "
+            f"the configured LM {lm_spec or ''} is {want}. Use the same lm.model as in training."
+        )
+    models = {}
+    for name in names:
+        if name not in manifest["systems"]:
+            raise UserError(f"checkpoint {directory} has no system `{name}`; it holds: "
+                            f"{', '.join(manifest['systems']) or 'nothing'}")
+        system = parse_system(name)
+        sub = directory / name
+        saved_cfg = config_from_dict(yaml.safe_load((sub / "config.yaml").read_text()), str(sub / "config.yaml"))
+        encoder = static = None
+        if system.kind.dynamic:
+            kcfg = KnowledgeEncoderConfig(**manifest["systems"][name]["knowledge_encoder"])
+            dim = (feature_dims or {}).get(kcfg.backbone)
+            encoder = KnowledgeEncoder(kcfg, lm.config, dim)
+            encoder.load_state_dict(load_file(str(sub / ENCODER_WEIGHTS)))
+        if system.kind.static:
+            static = StaticPrefix.load(sub, lm.config)
+        model = PrefixQAModel(system, lm, encoder, static, loss_weights(saved_cfg))
+        device = next(lm.parameters()).device
+        models[name] = model.to(device).eval().requires_grad_(False)
+    return models

@@ -1,0 +1,62 @@
+"""Cached top-k retrieval per question, so training and repeated evaluations do not re-encode questions.
+
+The cache file is keyed by a fingerprint of everything that decides the result: the index file's sha256,
+the encoder fingerprint, the segment store, nprobe, k and the question ids. A changed retriever or store
+gives a new file, never a stale answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from data_prep.atomic import atomic_write_json, fingerprint
+from data_prep.records import QAExample
+
+log = logging.getLogger(__name__)
+
+
+def retrieval_fingerprint(retriever, k: int, question_ids: Sequence[str]) -> str:
+    m = retriever.manifest
+    return fingerprint({
+        "index": m.get("sha256"),
+        "encoder": (m.get("encoder") or {}).get("fingerprint"),
+        "store": m.get("store_fingerprint"),
+        "nprobe": retriever.nprobe,
+        "k": k,
+        "questions": fingerprint(list(question_ids)),
+        "live": len(getattr(retriever, "_live_segments", {})) + len(getattr(retriever, "_removed", ())),
+    })
+
+
+def cached_hits(retriever, examples: Sequence[QAExample], k: int, cache_dir: Path,
+                batch_size: int = 256, progress: bool = True) -> dict[str, list]:
+    """{question id: top-k Hits}; computed once per fingerprint and stored as JSON (ids and scores)."""
+    ids = [e.id for e in examples]
+    path = Path(cache_dir) / f"retrieval-{retrieval_fingerprint(retriever, k, ids)}.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+    else:
+        raw = {}
+        bar = tqdm(total=len(examples), desc=f"retrieving top-{k}", unit="q", disable=not progress)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            for ex, hits in zip(chunk, retriever.batch_search([e.question for e in chunk], k)):
+                raw[ex.id] = [[h.segment_id, h.score] for h in hits]
+            bar.update(len(chunk))
+        bar.close()
+        atomic_write_json(path, raw)
+        log.info("cached top-%d retrieval of %d questions in %s", k, len(raw), path)
+    needed = {sid for rows in raw.values() for sid, _ in rows}
+    segments = retriever.segments(sorted(needed))
+    from retriever.search import Hit
+
+    return {
+        qid: [Hit(sid, score, segments[sid].doc_id, segments[sid].title, segments[sid].text)
+              for sid, score in rows if sid in segments]
+        for qid, rows in raw.items()
+    }

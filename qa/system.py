@@ -1,0 +1,229 @@
+"""The QA system: question -> retrieve top-k -> encode (or read the prefix store) -> inject -> generate.
+
+    qa = QASystem.from_config(cfg, systems=["dynamic_prefix", "rag_text"])
+    qa.answer(["Who founded Velmora Works?"], mode="dynamic_prefix") -> list[Prediction]
+    qa.generate(questions) -> list[str]          # FlashRAG-style, in cfg.qa.mode
+
+The gold segment is never used here; evaluation passes explicit `hits` only for named ablations
+(`~random`, `~gold`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from configs.errors import UserError
+from configs.models import load_lm
+from configs.schema import Config
+from knowledge_encoder.backbones import build_backbone
+from knowledge_encoder.prefix import Prefix
+from qa.batching import Batcher, Example, FeatureCache
+from qa.checkpoint import load_models, read_manifest
+from qa.generate import StopTokens, greedy_generate
+from qa.model import PrefixQAModel
+from qa.prompting import PromptTemplate, TextSegment
+from qa.systems import SystemName, parse_system
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    question: str
+    prediction: str
+    mode: str
+    retrieved: list = field(default_factory=list)  # retriever Hits (segment_id, score, doc_id, title, text)
+    latency_ms: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # retrieve_ms, encode_ms, generate_ms per question
+    prompt_tokens: int = 0
+    prefix_slots: int = 0
+
+
+def default_checkpoint(cfg: Config) -> Path:
+    return Path(cfg.qa.checkpoint) if cfg.qa.checkpoint else Path(cfg.run_dir) / "checkpoints" / "final"
+
+
+def checkpoint_name(system: SystemName, held: Sequence[str]) -> str:
+    """The sub-folder a system reads; `combine` falls back to its dynamic_prefix twin when not trained itself."""
+    if system.trained_name in held:
+        return system.trained_name
+    if system.base == "combine":
+        twin = "dynamic_prefix" + (f"@{system.tag}" if system.tag else "")
+        if twin in held:
+            return twin
+    return system.trained_name
+
+
+class QASystem:
+    def __init__(self, cfg: Config, lm, tokenizer, retriever=None, models: dict[str, PrefixQAModel] | None = None,
+                 model_names: dict[str, str] | None = None):
+        self.cfg = cfg
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.device = next(lm.parameters()).device
+        self.template = PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
+        self.stop = StopTokens.for_tokenizer(tokenizer)
+        self.models = models or {}
+        self.model_names = model_names or {}  # system name -> key in self.models
+        self._batchers: dict[str, Batcher] = {}
+        self.prefix_stores: dict[str, object] = {}  # system -> knowledge_encoder.prefix_store.PrefixStore
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: Config, systems: Sequence[str] | None = None, retriever=None, lm=None,
+                    tokenizer=None) -> QASystem:
+        names = [parse_system(s) for s in (systems or [cfg.qa.mode])]
+        if lm is None:
+            lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, cfg.device, cfg.lm.dtype)
+        if retriever is None and any(s.kind.retrieves for s in names):
+            from retriever.search import Retriever
+
+            retriever = Retriever.from_config(cfg)
+        trained = [s for s in names if s.trainable]
+        models, model_names = {}, {}
+        if trained:
+            directory = default_checkpoint(cfg)
+            held = list(read_manifest(directory)["systems"])
+            wanted = {str(s): checkpoint_name(s, held) for s in trained}
+            feature_dims = {"lm_kv": None, "lm_layers": lm.config.hidden_size}
+            models = load_models(directory, sorted(set(wanted.values())), lm, feature_dims, cfg.lm.model)
+            model_names = wanted
+        qa = cls(cfg, lm, tokenizer, retriever, models, model_names)
+        if trained:
+            qa.attach_prefix_stores(directory)
+        return qa
+
+    def attach_prefix_stores(self, checkpoint: Path) -> None:
+        """Use run_dir/prefixes/<system> where it exists (a stale one is refused with a clear error)."""
+        from data_prep.store import SegmentStore
+        from knowledge_encoder.precompute import encoder_sha256, prefix_dir
+        from knowledge_encoder.prefix_store import PrefixStore
+
+        for name, model in self.models.items():
+            directory = prefix_dir(self.cfg.run_dir, name)
+            if model.encoder is None or not directory.is_dir():
+                continue
+            store_fp = SegmentStore.open(Path(self.cfg.run_dir) / "store").fingerprint
+            self.prefix_stores[name] = PrefixStore.open(directory, encoder_sha256(checkpoint, name), store_fp)
+            log.info("%s reads precomputed prefixes from %s (%d segments)", name, directory,
+                     len(self.prefix_stores[name]))
+
+    def available_modes(self) -> list[str]:
+        modes = ["closed_book"]
+        if self.retriever is not None:
+            modes.append("rag_text")
+        modes += list(self.model_names)
+        return list(dict.fromkeys(modes))
+
+    def model_for(self, system: SystemName) -> PrefixQAModel | None:
+        if not system.trainable:
+            return None
+        key = self.model_names.get(str(SystemName(system.base, system.tag)))
+        if key is None or key not in self.models:
+            raise UserError(f"mode `{system}` needs a trained checkpoint that holds it; loaded: "
+                            f"{', '.join(self.model_names) or 'none'}")
+        return self.models[key]
+
+    def _batcher(self, model: PrefixQAModel | None) -> Batcher:
+        """One feature cache per backbone, shared by the systems that read with it."""
+        if model is None or model.encoder is None:
+            return self._batchers.setdefault("none", Batcher(self.template, None, self.device))
+        kcfg = model.encoder.cfg
+        key = kcfg.backbone
+        if key not in self._batchers:
+            backbone = build_backbone(kcfg.backbone, self.lm, self.template, kcfg.max_segment_tokens,
+                                      kcfg.lm_layers, self.cfg.retriever.model, self.device)
+            self._batchers[key] = Batcher(self.template, FeatureCache(backbone, max_bytes=1 << 30), self.device)
+        return self._batchers[key]
+
+    # ------------------------------------------------------------------ answering
+    def retrieve(self, questions: Sequence[str], k: int) -> list[list]:
+        if self.retriever is None:
+            raise UserError("this mode needs a retriever: build the index first (`python -m retriever.index`)")
+        return self.retriever.batch_search(list(questions), k)
+
+    def _prefix(self, system: SystemName, model: PrefixQAModel | None, batch, examples) -> Prefix | None:
+        if model is None:
+            return None
+        store = self.prefix_stores.get(self.model_names.get(str(SystemName(system.base, system.tag)), ""))
+        if store is not None and model.encoder is not None and all(i is not None for e in examples for i in e.segment_ids):
+            ids = [i for e in examples for i in e.segment_ids]
+            segments = store.get(ids, self.device)
+            if segments is not None:
+                segs = Prefix.group_segments(segments, batch.k)
+                parts = [model.encoder.format_prefix(segs.batch_size), segs]
+                if model.static is not None:
+                    parts.insert(0, model.static(segs.batch_size))
+                return Prefix.concat(parts)
+        return model.prefix(batch)
+
+    @torch.no_grad()
+    def answer(self, questions: Sequence[str], mode: str | None = None, top_k: int | None = None,
+               hits: Sequence[Sequence] | None = None, batch_size: int | None = None,
+               on_token: Callable[[int, str], None] | None = None) -> list[Prediction]:
+        """Answer questions in one mode. `hits` overrides retrieval (ablations, the demo's source view).
+
+        `on_token(i, text_so_far)` streams the answer of question i as it is generated.
+        """
+        system = parse_system(mode or self.cfg.qa.mode)
+        model = self.model_for(system)
+        for q in questions:
+            self.template.check_question(q)
+        k = top_k or self.cfg.retriever.top_k
+        batch_size = batch_size or self.cfg.eval.batch_size
+        out: list[Prediction] = []
+        for start in range(0, len(questions), batch_size):
+            chunk = list(questions[start:start + batch_size])
+            t0 = time.perf_counter()
+            chunk_hits = [[] for _ in chunk]
+            if system.kind.retrieves:
+                chunk_hits = [list(h) for h in hits[start:start + batch_size]] if hits is not None else self.retrieve(chunk, k)
+            t1 = time.perf_counter()
+            examples = [
+                Example(q, [TextSegment(h.title, h.text) for h in hs], [h.segment_id for h in hs])
+                for q, hs in zip(chunk, chunk_hits)
+            ]
+            batch = self._batcher(model).build(examples, system, with_labels=False)
+            prefix = self._prefix(system, model, batch, examples)
+            t2 = time.perf_counter()
+            stream = None if on_token is None else _Streamer(self.tokenizer, on_token, start, len(chunk))
+            generated = greedy_generate(self.lm, batch.input_ids, batch.attention_mask, prefix, self.stop,
+                                        self.cfg.lm.max_new_tokens, on_token=stream)
+            t3 = time.perf_counter()
+            n = len(chunk)
+            timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1) * 1e3 / n,
+                       "generate_ms": (t3 - t2) * 1e3 / n}
+            for i, (q, ids) in enumerate(zip(chunk, generated)):
+                out.append(Prediction(
+                    question=q,
+                    prediction=self.template.decode_answer(ids),
+                    mode=str(system),
+                    retrieved=chunk_hits[i],
+                    latency_ms=sum(timings.values()),
+                    timings=dict(timings),
+                    prompt_tokens=int(batch.attention_mask[i].sum()),
+                    prefix_slots=0 if prefix is None else int(prefix.mask[i].sum()),
+                ))
+        return out
+
+    def generate(self, questions: Sequence[str]) -> list[str]:
+        return [p.prediction for p in self.answer(questions)]
+
+
+class _Streamer:
+    """Turns generated token ids into the running answer text of each question for `on_token`."""
+
+    def __init__(self, tokenizer, on_token: Callable[[int, str], None], offset: int, rows: int):
+        self.tokenizer, self.on_token, self.offset = tokenizer, on_token, offset
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+
+    def __call__(self, row: int, token_id: int) -> None:
+        self.ids[row].append(token_id)
+        self.on_token(self.offset + row, self.tokenizer.decode(self.ids[row], skip_special_tokens=True))

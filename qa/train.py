@@ -1,0 +1,284 @@
+"""End-to-end training of `train.systems` through the frozen LM, on the same batches and budget.
+
+    accelerate launch -m qa.train --config configs/default.yaml [--resume] [key=value ...]
+    python -m qa.train --config configs/default.yaml train.max_steps=200
+
+Loss = cross-entropy on the answer tokens (the LM stays frozen; gradients flow through it into the
+knowledge encoder or the peft prefix), plus, for a compressed dynamic prefix, a KL to its own
+P = segment-length path (`train.teacher=pfull`). Retrieval is cached per question (or online); the gold
+segment is forced in during training only (`train.force_gold`). Checkpoints go to
+run_dir/checkpoints/{step-N,final}; optimizer, scheduler and RNG state to run_dir/checkpoints/state
+(accelerate's save_state) so `--resume` continues exactly. Logs: run_dir/logs/train.jsonl + loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from configs.cli import build_parser, parse, run_main
+from configs.errors import UserError
+from configs.loader import save_config
+from configs.models import load_lm
+from configs.schema import Config
+from data_prep.atomic import atomic_dir, atomic_write_json
+from data_prep.store import SegmentStore, load_qa
+from knowledge_encoder.backbones import build_backbone
+from qa.batching import Batcher, FeatureCache
+from qa.checkpoint import new_model, save_checkpoint
+from qa.prompting import PromptTemplate
+from qa.retrieval_cache import cached_hits
+from qa.system import QASystem
+from qa.systems import parse_systems
+from qa.training_data import BatchOrder, ExampleStats, make_examples, sample_dev
+from retriever.search import Hit
+
+log = logging.getLogger("qa.train")
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def exact_match(prediction: str, answers: list[str]) -> bool:
+    from eval.metrics import exact_match as em
+
+    return any(em(prediction, a) for a in answers)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator, resume: bool = False):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.log_path = self.run_dir / "logs" / "train.jsonl"
+        torch.manual_seed(cfg.seed)
+        self.lm, self.tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, str(accelerator.device), cfg.lm.dtype)
+        self.template = PromptTemplate(self.tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
+        self.systems = parse_systems(cfg.train.systems)
+        untrainable = [str(s) for s in self.systems if not s.trainable]
+        if untrainable:
+            raise UserError(f"train.systems lists {', '.join(untrainable)}, which have nothing to train "
+                            "(closed_book and rag_text are zero-shot); evaluate them with eval.run")
+        if any(s.ablation for s in self.systems):
+            raise UserError("ablations (~random, ~gold) are evaluation-only; remove them from train.systems")
+        self._load_data()
+        kcfg = cfg.knowledge_encoder
+        backbone = build_backbone(kcfg.backbone, self.lm, self.template, kcfg.max_segment_tokens, kcfg.lm_layers,
+                                  cfg.retriever.model, accelerator.device)
+        self.cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
+        self.batcher = Batcher(self.template, self.cache, accelerator.device)
+        feature_dim = None if kcfg.backbone == "lm_kv" else backbone.feature_dim
+        self.models, self.opts, self.scheds = {}, {}, {}
+        for system in self.systems:
+            model = new_model(system, cfg, self.lm, self.template, feature_dim).to(accelerator.device)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
+            model, opt, sched = accelerator.prepare(model, opt, sched)
+            self.models[str(system)], self.opts[str(system)], self.scheds[str(system)] = model, opt, sched
+        self.order = BatchOrder(len(self.train_examples), cfg.train.batch_size * accelerator.num_processes, cfg.seed)
+        self.step = 0
+        self.seconds = dict.fromkeys(self.models, 0.0)
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ data
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        store_dir = self.run_dir / "store"
+        self.store = SegmentStore.open(store_dir)
+        train_qa = load_qa(store_dir, "train")
+        if cfg.train.max_train_questions:
+            train_qa = train_qa[: cfg.train.max_train_questions]
+        dev_qa = load_qa(store_dir, "dev")
+        if not train_qa:
+            raise UserError(f"{store_dir} has no training questions (data.split rule gave none to `train`)")
+        needs_retrieval = any(s.kind.retrieves for s in self.systems)
+        k = cfg.retriever.top_k
+        self.retriever = None
+        train_hits, dev_hits = {}, {}
+        if needs_retrieval:
+            from retriever.search import Retriever
+
+            self.retriever = Retriever.from_config(cfg)
+            cache_dir = self.run_dir / "cache"
+            train_hits = cached_hits(self.retriever, train_qa, k, cache_dir, progress=self.acc.is_main_process)
+            dev_hits = cached_hits(self.retriever, dev_qa, k, cache_dir, progress=self.acc.is_main_process)
+        else:
+            k = 0
+        stats = ExampleStats()
+        self.train_examples = make_examples(train_qa, train_hits, k, self.store, cfg.train.force_gold and k > 0, stats)
+        self.dev_examples = sample_dev(make_examples(dev_qa, dev_hits, k), cfg.train.dev_limit, cfg.seed)
+        self.data_stats = {"train_questions": len(train_qa), "train_examples": stats.total,
+                           "gold_forced": stats.gold_forced, "skipped_no_gold": stats.skipped_no_gold,
+                           "dev_examples": len(self.dev_examples), "top_k": k}
+        log.info("training data: %s", self.data_stats)
+
+    def _shard(self, indices: list[int]) -> list:
+        """This process's share of a global batch."""
+        n, rank = self.acc.num_processes, self.acc.process_index
+        per = len(indices) // n
+        return [self.train_examples[i] for i in indices[rank * per:(rank + 1) * per]]
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        if self.cfg.lm.autocast_bf16 and self.acc.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        self.step += 1
+        losses = {}
+        micro = self._shard(self.order.batch(self.step))
+        accum = self.cfg.train.grad_accum
+        chunks = [micro[i::accum] for i in range(accum)]
+        for name, model in self.models.items():
+            t0 = time.perf_counter()
+            system = model.module.system if hasattr(model, "module") else model.system
+            total = 0.0
+            for chunk in chunks:
+                batch = self.batcher.build(chunk, system, with_labels=True)
+                with self._autocast():
+                    _, loss = model(batch)
+                self.acc.backward(loss / accum)
+                total += loss.item() / accum
+            self.opts[name].step()
+            self.scheds[name].step()
+            self.opts[name].zero_grad(set_to_none=True)
+            self.seconds[name] += time.perf_counter() - t0
+            losses[name] = total
+        return losses
+
+    def dev_em(self) -> dict[str, float]:
+        if not self.dev_examples:
+            return {}
+        unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.models.items()}
+        qa = QASystem(self.cfg, self.lm, self.tokenizer, None, unwrapped, {n: n for n in unwrapped})
+        qa._batchers[self.cfg.knowledge_encoder.backbone] = self.batcher
+        out = {}
+        for name, model in unwrapped.items():
+            model.eval()
+            hits = [[Hit(i, 0.0, "", s.title, s.text) for i, s in zip(e.segment_ids, e.segments)]
+                    for e in self.dev_examples]
+            with self._autocast():
+                preds = qa.answer([e.question for e in self.dev_examples], mode=name, hits=hits,
+                                  top_k=max(1, self.cfg.retriever.top_k))
+            out[name] = sum(exact_match(p.prediction, e.answers) for p, e in zip(preds, self.dev_examples)) / len(preds)
+            model.train()
+        return out
+
+    def log(self, record: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ state
+    def save(self, final: bool = False) -> Path:
+        self.acc.wait_for_everyone()
+        target = self.ckpt_dir / ("final" if final else f"step-{self.step}")
+        if self.acc.is_main_process:
+            models = {n: self.acc.unwrap_model(m) for n, m in self.models.items()}
+            extra = {"step": self.step, "store_fingerprint": self.store.fingerprint,
+                     "qa_fingerprint": self.store.qa_fingerprint, "data": self.data_stats,
+                     "train_seconds": self.seconds,
+                     "retriever_index_sha256": self.retriever.manifest.get("sha256") if self.retriever else None}
+            save_checkpoint(target, models, self.cfg, self.lm.config, extra)
+        state_dir = self.ckpt_dir / "state"
+        if self.acc.is_main_process:
+            with atomic_dir(state_dir) as tmp:
+                self.acc.save_state(str(tmp), safe_serialization=True)
+                atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "seconds": self.seconds,
+                                                               "systems": list(self.models)})
+        self.acc.wait_for_everyone()
+        return target
+
+    def _resume(self) -> None:
+        state_dir = self.ckpt_dir / "state"
+        meta = state_dir / "trainer_state.json"
+        if not meta.is_file():
+            log.info("--resume: no saved state in %s, starting from step 0", state_dir)
+            return
+        saved = json.loads(meta.read_text())
+        if saved["systems"] != list(self.models):
+            raise UserError(f"--resume: the saved state trained {saved['systems']}, the config asks for "
+                            f"{list(self.models)}; use the same train.systems or a new run_dir")
+        self.acc.load_state(str(state_dir))
+        self.step, self.seconds = saved["step"], saved["seconds"]
+        log.info("resumed at step %d", self.step)
+
+    def fit(self) -> Path:
+        cfg = self.cfg.train
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="training", disable=not self.acc.is_main_process)
+        t_start = time.perf_counter()
+        start_step = self.step
+        for model in self.models.values():
+            model.train()
+        while self.step < cfg.max_steps:
+            losses = self.train_step()
+            per_step = (time.perf_counter() - t_start) / (self.step - start_step)
+            examples_per_s = cfg.batch_size * self.acc.num_processes / per_step
+            bar.update(1)
+            bar.set_postfix({n.split("@")[0][:8] + ("@" + n.split("@")[1] if "@" in n else ""): f"{v:.3f}"
+                             for n, v in losses.items()} | {"ex/s": f"{examples_per_s:.1f}"})
+            record = {"step": self.step, "loss": losses, "examples_per_s": examples_per_s,
+                      "lr": self.scheds[next(iter(self.scheds))].get_last_lr()[0], "seconds": dict(self.seconds)}
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                record["dev_em"] = self.dev_em()
+                log.info("step %d dev EM %s", self.step, record["dev_em"])
+            if self.step % cfg.log_every == 0 or "dev_em" in record:
+                self.log(record)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
+        bar.close()
+        final_em = self.dev_em()
+        self.log({"step": self.step, "final_dev_em": final_em, "seconds": dict(self.seconds)})
+        log.info("final dev EM %s; train seconds per system %s", final_em,
+                 {k: round(v) for k, v in self.seconds.items()})
+        target = self.save(final=True)
+        if self.acc.is_main_process:
+            from qa.plots import plot_loss
+
+            plot_loss(self.log_path, self.run_dir / "logs" / "loss.png")
+        return target
+
+
+def main(argv=None) -> int:
+    parser = build_parser("python -m qa.train", __doc__)
+    parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/state")
+    cfg, ns = parse(parser, argv)
+    if ns.args:
+        raise UserError(f"unexpected arguments {ns.args}; overrides look like key=value")
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu", gradient_accumulation_steps=1)
+    if accelerator.is_main_process:
+        Path(cfg.run_dir, "logs").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "logs" / "train_config.yaml")
+    trainer = Trainer(cfg, accelerator, resume=ns.resume)
+    target = trainer.fit()
+    if accelerator.is_main_process:
+        print(f"checkpoint: {target}")
+        print(json.dumps({"train_seconds": {k: round(v, 1) for k, v in trainer.seconds.items()},
+                          "data": trainer.data_stats}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
