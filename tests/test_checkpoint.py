@@ -1,0 +1,110 @@
+"""Checkpoints, the peft static prefix and the prefix store: round trips and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from configs.errors import UserError
+from configs.schema import Config
+from knowledge_encoder.backbones import LMBackbone
+from knowledge_encoder.prefix_store import PrefixStore, PrefixStoreWriter
+from qa.checkpoint import load_models, new_model, read_manifest, save_checkpoint
+from qa.lm_forward import forward_with_prefix
+from qa.prompting import PromptTemplate, TextSegment
+from qa.static_prefix import StaticPrefix
+from qa.systems import parse_system
+from tests.conftest import make_tiny_llama
+
+
+def test_static_prefix_loads_in_peft_with_identical_logits(tmp_path, smol_tokenizer, tiny_llama):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    static = StaticPrefix(tiny_llama.config, 5)
+    static.save(tmp_path / "adapter")
+    ids = torch.tensor([[12, 40, 7, 99]])
+    ours = forward_with_prefix(tiny_llama, ids, torch.ones_like(ids), static(1)).logits
+    peft_model = PeftModel.from_pretrained(tiny_llama, tmp_path / "adapter")
+    theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    again = StaticPrefix.load(tmp_path / "adapter", tiny_llama.config)
+    torch.testing.assert_close(again(1).keys[0], static(1).keys[0])
+
+
+def test_static_prefix_refuses_adapter_of_another_lm(tmp_path, smol_tokenizer, tiny_llama):
+    StaticPrefix(tiny_llama.config, 4).save(tmp_path / "a")
+    other = make_tiny_llama(len(smol_tokenizer), layers=3)
+    with pytest.raises(UserError, match="another LM"):
+        StaticPrefix.load(tmp_path / "a", other.config)
+
+
+def _models(cfg, lm, tokenizer):
+    template = PromptTemplate(tokenizer)
+    return {name: new_model(parse_system(name), cfg, lm, template, None)
+            for name in ("dynamic_prefix@p4", "dynamic_prefix@pfull", "static_prefix", "rag_text_tuned")}
+
+
+def test_checkpoint_round_trip_and_manifest(tmp_path, smol_tokenizer, tiny_llama):
+    cfg = Config()
+    cfg.knowledge_encoder.format_slots = 3
+    cfg.train.static_slots = 4
+    models = _models(cfg, tiny_llama, smol_tokenizer)
+    with torch.no_grad():
+        models["dynamic_prefix@p4"].encoder.pool.queries.normal_()
+    save_checkpoint(tmp_path / "final", models, cfg, tiny_llama.config, {"step": 7})
+    manifest = read_manifest(tmp_path / "final")
+    assert set(manifest["systems"]) == set(models) and manifest["step"] == 7
+    assert manifest["systems"]["dynamic_prefix@p4"]["prefix_slots"] == 4
+    assert manifest["systems"]["dynamic_prefix@pfull"]["prefix_slots"] == 0
+    loaded = load_models(tmp_path / "final", list(models), tiny_llama)
+    for name, model in models.items():
+        a, b = model.state_dict(), loaded[name].state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])
+    assert not any(p.requires_grad for p in loaded["static_prefix"].parameters())
+
+
+def test_checkpoint_refuses_other_lm_and_missing_system(tmp_path, smol_tokenizer, tiny_llama):
+    cfg = Config()
+    models = {"static_prefix": new_model(parse_system("static_prefix"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)}
+    save_checkpoint(tmp_path / "ck", models, cfg, tiny_llama.config)
+    with pytest.raises(UserError, match="holds: static_prefix"):
+        load_models(tmp_path / "ck", ["dynamic_prefix"], tiny_llama)
+    other = make_tiny_llama(len(smol_tokenizer), layers=3)
+    with pytest.raises(UserError, match="trained for LM"):
+        load_models(tmp_path / "ck", ["static_prefix"], other)
+    with pytest.raises(UserError, match="not a checkpoint"):
+        read_manifest(tmp_path)
+
+
+def test_prefix_store_round_trip_resume_and_stale(tmp_path, smol_tokenizer, tiny_llama):
+    cfg = Config()
+    cfg.knowledge_encoder.format_slots = 0
+    model = new_model(parse_system("dynamic_prefix@p3"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
+    backbone = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 64)
+    segs = [TextSegment(f"T{i}", f"text number {i} " * (i + 1)) for i in range(5)]
+    with torch.no_grad():
+        prefix = model.encoder(backbone.features(segs))
+    meta = {"encoder_sha256": "abc", "store_fingerprint": "s1", "next_position": 320, "prefix_slots": 3}
+    writer = PrefixStoreWriter(tmp_path / "p", meta)
+    writer.add([0, 1, 2], prefix.select([0, 1, 2]))
+    # An interrupted run: a new writer sees the finished shard and only needs the rest.
+    writer = PrefixStoreWriter(tmp_path / "p", meta)
+    assert writer.done_ids() == {0, 1, 2}
+    writer.add([3, 4], prefix.select([3, 4]))
+    with pytest.raises(UserError, match="incomplete"):
+        PrefixStore.open(tmp_path / "p", "abc", "s1")
+    writer.finish()
+    store = PrefixStore.open(tmp_path / "p", "abc", "s1")
+    got = store.get([4, 0])
+    torch.testing.assert_close(got.keys[1], prefix.select([4, 0]).keys[1], atol=1e-2, rtol=1e-2)  # float16 store
+    assert store.get([0, 99]) is None
+    with pytest.raises(UserError, match="another knowledge encoder"):
+        PrefixStore.open(tmp_path / "p", "other", "s1")
+    with pytest.raises(UserError, match="another segment store"):
+        PrefixStore.open(tmp_path / "p", "abc", "s2")
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["count"] == 5
