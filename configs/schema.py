@@ -157,6 +157,7 @@ class TrainConfig:
         "systems trained on the same batches and budget (comma list; variants as NAME@tag, e.g. dynamic_prefix@p32)",
     )
     max_steps: int = opt(300, "optimizer steps per system")
+    stop_at_step: int = opt(0, "stop after this step and save state (0 = run to max_steps); continue with --resume")
     batch_size: int = opt(8, "questions per step (per process)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(3e-3, "peak learning rate (AdamW, linear warmup then cosine decay)")

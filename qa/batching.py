@@ -38,8 +38,8 @@ def _feature_bytes(f: SegmentFeatures) -> int:
 class FeatureCache:
     """Frozen backbone features per segment, computed on demand and kept (LRU) up to `max_bytes`.
 
-    Keys are segment ids, or a hash of the text for segments without one (e.g. pasted documents).
-    Stored unpadded on the CPU in `dtype` (bf16 halves the memory of K,V features).
+    Keys are a hash of the segment's title and text (never the id alone: a live index may give a reset id to
+    new text). Stored unpadded on the CPU in `dtype` (bf16 halves the memory of K,V features).
     """
 
     def __init__(self, backbone, max_bytes: int = 4 << 30, dtype: torch.dtype = torch.bfloat16, batch_size: int = 16):
@@ -52,14 +52,12 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(segment: TextSegment, segment_id: int | None) -> object:
-        if segment_id is not None:
-            return int(segment_id)
+    def key(segment: TextSegment) -> str:
         return hashlib.sha1(f"{segment.title}\x00{segment.text}".encode()).hexdigest()
 
-    def get(self, segments: Sequence[TextSegment], segment_ids: Sequence[int | None], device) -> SegmentFeatures:
+    def get(self, segments: Sequence[TextSegment], device) -> SegmentFeatures:
         """Features of `segments`, right-padded and stacked: (N, ...) on `device`."""
-        keys = [self.key(s, i) for s, i in zip(segments, segment_ids)]
+        keys = [self.key(s) for s in segments]
         missing = list(OrderedDict.fromkeys(k for k in keys if k not in self._items))
         if missing:
             by_key = dict(zip(keys, segments))
@@ -126,7 +124,5 @@ class Batcher:
             k = len(examples[0].segments)
             if any(len(ex.segments) != k for ex in examples):
                 raise ValueError("every question of a batch needs the same number of segments")
-            segments = [s for ex in examples for s in ex.segments]
-            seg_ids = [i for ex in examples for i in (ex.segment_ids or [None] * k)]
-            features = self.cache.get(segments, seg_ids, self.device)
+            features = self.cache.get([s for ex in examples for s in ex.segments], self.device)
         return QABatch(input_ids=ids, attention_mask=mask, labels=labels, features=features, k=k)

@@ -230,7 +230,8 @@ class Trainer:
         start_step = self.step
         for model in self.models.values():
             model.train()
-        while self.step < cfg.max_steps:
+        last = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
+        while self.step < last:
             losses = self.train_step()
             per_step = (time.perf_counter() - t_start) / (self.step - start_step)
             examples_per_s = cfg.batch_size * self.acc.num_processes / per_step
@@ -247,6 +248,10 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save()
         bar.close()
+        if self.step < cfg.max_steps:
+            self.save()
+            log.info("stopped at step %d of %d (train.stop_at_step); continue with --resume", self.step, cfg.max_steps)
+            return self.ckpt_dir / f"step-{self.step}"
         final_em = self.dev_em()
         self.log({"step": self.step, "final_dev_em": final_em, "seconds": dict(self.seconds)})
         log.info("final dev EM %s; train seconds per system %s", final_em,

@@ -25,7 +25,7 @@ def smol_tokenizer():
 
 
 def make_tiny_llama(vocab_size: int, layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 24,
-                    hidden: int = 64, seed: int = 0):
+                    hidden: int = 64, seed: int = 0, initializer_range: float = 0.02):
     """A random LLaMA whose head_dim (24) is not hidden / heads (16) and whose KV heads are fewer than heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,6 +40,7 @@ def make_tiny_llama(vocab_size: int, layers: int = 2, heads: int = 4, kv_heads: 
         head_dim=head_dim,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)

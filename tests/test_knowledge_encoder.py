@@ -122,3 +122,16 @@ def test_group_segments_is_question_major():
     assert grouped.keys[0].shape == (b, h, k * p, d)
     # Question 1 holds segments 2 and 3, in that order.
     assert grouped.keys[0][1, 0, :, 0].tolist() == [2.0] * p + [3.0] * p
+
+
+def test_feature_cache_does_not_serve_old_text_for_a_reused_segment_id(smol_tokenizer, tiny_llama):
+    """Regression: after a live-index reset, a new document may get an old segment id; its features must be
+    computed from its own text, not served from the cache entry of the old one."""
+    from qa.batching import Batcher, Example, FeatureCache
+    from qa.systems import parse_system
+
+    batcher = Batcher(PromptTemplate(smol_tokenizer), FeatureCache(LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 64)), "cpu")
+    system = parse_system("dynamic_prefix")
+    old = batcher.build([Example("q?", [SEGMENTS[0]], [7])], system, with_labels=False).features
+    new = batcher.build([Example("q?", [SEGMENTS[2]], [7])], system, with_labels=False).features
+    assert old.mask.shape != new.mask.shape or not torch.equal(old.keys[0], new.keys[0])
