@@ -1,0 +1,1 @@
+"""The Gradio demo's parts: documents (uploads), render (HTML), service (logic), ui (page + API)."""
