@@ -1,0 +1,320 @@
+"""The faiss index and its directory: `IVF{nlist},Flat` inner product by default, any factory string.
+
+Ids are the segment store's int64 segment ids (IVF indexes keep them natively; other indexes are
+wrapped in `IndexIDMap2`), so `remove_ids` and live additions work on the same ids the store uses.
+A CPU index is the master copy (it is what is saved and mutated); when faiss sees a GPU, searches
+go to a GPU copy made with `index_cpu_to_gpu`, refreshed after every change.
+
+An index directory (`run_dir/index/`) holds `index.faiss` and `manifest.json`: encoder name and
+fingerprint, dim, metric, factory string, nlist, nprobe, ntotal, segment-store fingerprint and the
+sha256 of `index.faiss`. It is written atomically; `load_index_dir` refuses any mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from configs.errors import UserError
+from data_prep.atomic import atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+_METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+# faiss warns below 39 training points per centroid; k-means is unreliable there.
+MIN_POINTS_PER_CENTROID = 39
+
+
+def default_nlist(n: int) -> int:
+    """About 4·√N inverted lists, but never so many that a centroid gets fewer than 39 training points."""
+    return max(1, min(round(4 * math.sqrt(max(n, 1))), n // MIN_POINTS_PER_CENTROID))
+
+
+def expand_factory(template: str, nlist: int) -> str:
+    """`IVF{nlist},Flat` → `IVF181,Flat`; strings without `{nlist}` pass through."""
+    return template.replace("{nlist}", str(nlist))
+
+
+def gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+class FaissIndex:
+    """A faiss index over (n, dim) float32 vectors with int64 ids; thread-safe search and mutation."""
+
+    def __init__(
+        self, index: faiss.Index, *, metric: str = "inner_product", factory: str = "", use_gpu: str = "auto"
+    ):
+        self.cpu_index = index
+        self.metric = metric
+        self.factory = factory
+        self._lock = threading.RLock()
+        self._gpu_index = None
+        self._gpu_res = None
+        self._want_gpu = _want_gpu(use_gpu)
+        self._refresh_gpu()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(
+        cls, factory: str, dim: int, metric: str = "inner_product", use_gpu: str = "auto"
+    ) -> FaissIndex:
+        """An empty index from a faiss factory string (already expanded, e.g. `IVF181,Flat`)."""
+        if metric not in _METRICS:
+            raise UserError(f"unknown index metric {metric!r}; use one of {', '.join(_METRICS)}")
+        try:
+            index = faiss.index_factory(int(dim), factory, _METRICS[metric])
+        except RuntimeError as e:
+            raise UserError(
+                f"index.factory `{factory}` is not a valid faiss factory string for dim {dim}: "
+                f"{str(e).splitlines()[0]}"
+            ) from e
+        if faiss.try_extract_index_ivf(index) is None:
+            # Flat, HNSW, PQ... have no ids of their own: map them to the store's segment ids.
+            index = faiss.IndexIDMap2(index)
+        return cls(index, metric=metric, factory=factory, use_gpu=use_gpu)
+
+    @property
+    def dim(self) -> int:
+        return int(self.cpu_index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.cpu_index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.cpu_index.is_trained)
+
+    @property
+    def nlist(self) -> int:
+        ivf = faiss.try_extract_index_ivf(self.cpu_index)
+        return int(ivf.nlist) if ivf is not None else 0
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the quantizer on a (n, dim) float32 sample (a no-op for indexes that need no training)."""
+        if self.is_trained:
+            return
+        vectors = _as_f32(vectors, self.dim)
+        if self.nlist and len(vectors) < self.nlist:
+            raise UserError(
+                f"cannot train {self.factory} on {len(vectors)} vectors: at least nlist={self.nlist} "
+                "are needed (lower index.nlist or set it to 0 for the automatic value)"
+            )
+        with self._lock:
+            self.cpu_index.train(vectors)
+            self._refresh_gpu()
+
+    # ------------------------------------------------------------------ mutation
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add (n, dim) vectors under int64 `ids` (segment ids; must not already be in the index)."""
+        vectors = _as_f32(vectors, self.dim)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+        if not self.is_trained:
+            raise RuntimeError("the index must be trained before vectors are added")
+        with self._lock:
+            self.cpu_index.add_with_ids(vectors, ids)
+            self._refresh_gpu()
+
+    def remove(self, ids) -> int:
+        """Remove vectors by id; returns how many were removed."""
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if len(ids) == 0:
+            return 0
+        with self._lock:
+            try:
+                removed = int(self.cpu_index.remove_ids(faiss.IDSelectorBatch(ids)))
+            except RuntimeError as e:
+                raise UserError(
+                    f"the index type `{self.factory}` does not support removing vectors; use an IVF "
+                    "or Flat factory string"
+                ) from e
+            self._refresh_gpu()
+        return removed
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for (n, dim) queries → (scores (n, k) float32, ids (n, k) int64); id -1 where missing."""
+        queries = _as_f32(queries, self.dim)
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        with self._lock:
+            index = self._gpu_index if self._gpu_index is not None else self.cpu_index
+            if nprobe is not None:
+                self._set_nprobe(index, nprobe)
+            scores, ids = index.search(queries, int(k))
+        return scores, ids
+
+    def _set_nprobe(self, index, nprobe: int) -> None:
+        if self._gpu_index is not None and index is self._gpu_index:
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
+            return
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = int(min(nprobe, ivf.nlist))
+
+    # ------------------------------------------------------------------ GPU
+
+    def _refresh_gpu(self) -> None:
+        """Mirror the CPU master copy on GPU 0 (only when wanted and faiss sees a GPU)."""
+        if not self._want_gpu or not self.cpu_index.is_trained:
+            self._gpu_index = None
+            return
+        try:
+            if self._gpu_res is None:
+                self._gpu_res = faiss.StandardGpuResources()
+            self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.cpu_index)
+        except (RuntimeError, AttributeError) as e:
+            log.warning("faiss GPU copy of %s failed (%s); searching on CPU", self.factory, e)
+            self._want_gpu = False
+            self._gpu_index = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_index is not None
+
+    # ------------------------------------------------------------------ files
+
+    def write(self, path: Path) -> None:
+        with self._lock:
+            faiss.write_index(self.cpu_index, str(path))
+
+    @classmethod
+    def read(cls, path: Path, *, metric: str, factory: str, use_gpu: str = "auto") -> FaissIndex:
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise UserError(
+                f"{path}: not a readable faiss index ({str(e).splitlines()[0]}); rebuild it with "
+                "`python -m retriever.index --config C`"
+            ) from e
+        return cls(index, metric=metric, factory=factory, use_gpu=use_gpu)
+
+
+def _want_gpu(use_gpu: str) -> bool:
+    if use_gpu == "false":
+        return False
+    n = gpu_count()
+    if use_gpu == "true" and n == 0:
+        raise UserError(
+            "index.use_gpu=true but faiss sees no GPU (faiss-cpu is installed or CUDA is missing); "
+            "use index.use_gpu=auto"
+        )
+    return n > 0
+
+
+def _as_f32(x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (n, {dim}), got {x.shape}")
+    return x
+
+
+# ---------------------------------------------------------------------------------------- directory
+
+
+def save_index_dir(index_dir: Path, index: FaissIndex, manifest: dict) -> dict:
+    """Write `index.faiss` + `manifest.json` (with ntotal, dim, nlist, factory, metric, sha256) atomically."""
+    index_dir = Path(index_dir)
+    with atomic_dir(index_dir) as tmp:
+        index.write(tmp / INDEX_FILE)
+        full = {
+            **manifest,
+            "format": MANIFEST_FORMAT,
+            "index_file": INDEX_FILE,
+            "factory": index.factory,
+            "metric": index.metric,
+            "dim": index.dim,
+            "nlist": index.nlist,
+            "ntotal": index.ntotal,
+            "sha256": sha256_file(tmp / INDEX_FILE),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return full
+
+
+def read_manifest(index_dir: Path) -> dict:
+    path = Path(index_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(
+            f"no index at {index_dir} (missing {MANIFEST_FILE}); build it with "
+            "`python -m retriever.index --config C`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path}: corrupt manifest ({e}); rebuild with `python -m retriever.index --config C`"
+        ) from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(
+            f"{path}: unknown index manifest format; rebuild with `python -m retriever.index --config C`"
+        )
+    return manifest
+
+
+def load_index_dir(
+    index_dir: Path,
+    *,
+    encoder_fingerprint: str | None = None,
+    encoder_name: str | None = None,
+    dim: int | None = None,
+    store_fingerprint: str | None = None,
+    use_gpu: str = "auto",
+    verify_sha256: bool = True,
+) -> tuple[FaissIndex, dict]:
+    """Load an index directory, refusing a mismatch with the encoder, the dim or the segment store."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    rebuild = "rebuild it with `python -m retriever.index --config C`"
+    enc = manifest.get("encoder", {})
+    if encoder_fingerprint is not None and enc.get("fingerprint") != encoder_fingerprint:
+        raise UserError(
+            f"{index_dir} was built with encoder `{enc.get('name')}` (fingerprint {enc.get('fingerprint')}), "
+            "but "
+            f"retriever.model=`{encoder_name}` has fingerprint {encoder_fingerprint}: set "
+            f"retriever.model={enc.get('name')} (e.g. the fine-tuned run_dir/retriever) or {rebuild}"
+        )
+    if dim is not None and manifest.get("dim") != dim:
+        raise UserError(
+            f"{index_dir} holds {manifest.get('dim')}-d vectors but the encoder makes {dim}-d ones; {rebuild}"
+        )
+    if store_fingerprint is not None and manifest.get("store_fingerprint") != store_fingerprint:
+        raise UserError(
+            f"{index_dir} was built over segment store {manifest.get('store_fingerprint')}, "
+            "but the store in this "
+            f"run_dir is {store_fingerprint} (the corpus or segmentation changed); {rebuild}"
+        )
+    path = index_dir / manifest.get("index_file", INDEX_FILE)
+    if not path.is_file():
+        raise UserError(f"{index_dir}: {path.name} is missing; {rebuild}")
+    if verify_sha256 and sha256_file(path) != manifest.get("sha256"):
+        raise UserError(f"{path}: sha256 does not match its manifest (corrupt or replaced file); {rebuild}")
+    index = FaissIndex.read(
+        path,
+        metric=manifest.get("metric", "inner_product"),
+        factory=manifest.get("factory", ""),
+        use_gpu=use_gpu,
+    )
+    if index.ntotal != manifest.get("ntotal") or index.dim != manifest.get("dim"):
+        raise UserError(
+            f"{path}: holds {index.ntotal} × {index.dim} vectors, the manifest says "
+            f"{manifest.get('ntotal')} × {manifest.get('dim')}; {rebuild}"
+        )
+    if "nprobe" in manifest:
+        index._set_nprobe(index.cpu_index, manifest["nprobe"])
+    return index, manifest

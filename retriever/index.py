@@ -1,0 +1,144 @@
+"""Segment store → embeddings → faiss index: `python -m retriever.index --config C [key=value ...]`.
+
+Reads `run_dir/store/`, embeds every segment with `retriever.model` into `run_dir/embeddings/`
+(sharded, resumable: rerun after a crash and it continues at the first unfinished shard), then builds
+the faiss index `index.factory` (default `IVF{nlist},Flat`, inner product; nlist from `index.nlist`
+or about 4·√N) trained on a random sample, adds the vectors in batches with the store's segment ids,
+and writes `run_dir/index/` (index.faiss + manifest.json) atomically. A rebuild drops live additions.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from configs.cli import build_parser, parse, run_main
+from configs.errors import UserError
+from data_prep.store import SegmentStore
+from retriever.embed import Embeddings, embed_store
+from retriever.encoder import Encoder
+from retriever.faiss_index import FaissIndex, default_nlist, expand_factory, save_index_dir
+
+log = logging.getLogger(__name__)
+
+ADD_BATCH = 65536
+TRAIN_SAMPLE_BYTES = 4 << 30
+
+
+def index_embeddings(
+    emb: Embeddings,
+    *,
+    factory: str = "IVF{nlist},Flat",
+    nlist: int = 0,
+    train_sample: int = 0,
+    use_gpu: str = "auto",
+    seed: int = 0,
+) -> FaissIndex:
+    """A faiss index over a finished embedding directory, ids = segment ids."""
+    n = emb.n
+    if n == 0:
+        raise UserError("the segment store has no segments: nothing to index")
+    nlist = nlist or default_nlist(n)
+    index = FaissIndex.create(expand_factory(factory, nlist), emb.dim, "inner_product", use_gpu=use_gpu)
+    if not index.is_trained:
+        # faiss k-means uses at most 256 points per centroid anyway; more only costs time. The sample is
+        # held in RAM as float32, so the default also stays under TRAIN_SAMPLE_BYTES (4 GB: 1.4M × 768).
+        size = train_sample or min(n, 256 * max(index.nlist, 1), TRAIN_SAMPLE_BYTES // (4 * emb.dim))
+        sample = emb.sample(size, seed=seed)
+        t0 = time.perf_counter()
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise UserError(
+                f"training {index.factory} on {len(sample)} vectors failed: {str(e).splitlines()[0]} "
+                "(PQ/SQ codebooks need thousands of vectors; use `Flat` or `IVF{nlist},Flat` for a "
+                "small corpus)"
+            ) from e
+        log.info("trained %s on %d vectors in %.1f s", index.factory, len(sample), time.perf_counter() - t0)
+    for ids, vectors in emb.iter_chunks(ADD_BATCH):
+        index.add(vectors, ids)
+    return index
+
+
+def build_index(
+    cfg,
+    *,
+    encoder: Encoder | None = None,
+    run_dir: str | Path | None = None,
+    store: SegmentStore | None = None,
+    progress: bool = True,
+) -> dict:
+    """Embed `run_dir/store` (or `store`) into run_dir/embeddings, write run_dir/index; return its manifest.
+
+    `progress` shows a tqdm bar while embedding.
+    """
+    run_dir = Path(run_dir or cfg.run_dir)
+    store = store or SegmentStore.open(run_dir / "store")
+    encoder = encoder or Encoder.from_config(cfg)
+    t0 = time.perf_counter()
+    emb_manifest = embed_store(
+        store,
+        encoder,
+        run_dir / "embeddings",
+        shard_size=cfg.index.shard_size,
+        dtype=cfg.index.embed_dtype,
+        batch_size=cfg.retriever.batch_size,
+        progress=progress,
+    )
+    t_embed = time.perf_counter() - t0
+    emb = Embeddings(run_dir / "embeddings", emb_manifest)
+    t1 = time.perf_counter()
+    index = index_embeddings(
+        emb,
+        factory=cfg.index.factory,
+        nlist=cfg.index.nlist,
+        train_sample=cfg.index.train_sample,
+        use_gpu=cfg.index.use_gpu,
+        seed=cfg.seed,
+    )
+    t_index = time.perf_counter() - t1
+    manifest = save_index_dir(
+        run_dir / "index",
+        index,
+        {
+            "encoder": encoder.info.to_dict(),
+            "store_fingerprint": store.fingerprint,
+            "factory_template": cfg.index.factory,
+            "nprobe": cfg.index.nprobe,
+            "max_id": len(store) - 1,
+            "embed_dtype": cfg.index.embed_dtype,
+            "embed_seconds": round(t_embed, 3),
+            "index_seconds": round(t_index, 3),
+            "segments_per_s": emb_manifest.get("segments_per_s"),
+        },
+    )
+    live = run_dir / "live"
+    if live.exists():
+        log.info("the index was rebuilt: dropping live additions in %s", live)
+        shutil.rmtree(live, ignore_errors=True)
+    return manifest
+
+
+def main(argv=None) -> int:
+    parser = build_parser("python -m retriever.index", __doc__)
+    cfg, ns = parse(parser, argv)
+    if ns.args:
+        raise UserError(
+            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
+        )
+    manifest = build_index(cfg)
+    rate = manifest.get("segments_per_s")
+    print(
+        f"index: {Path(cfg.run_dir) / 'index'}  {manifest['factory']}  ntotal={manifest['ntotal']} "
+        f"dim={manifest['dim']} nlist={manifest['nlist']} nprobe={manifest['nprobe']}  "
+        f"embedding {manifest['embed_seconds']:.1f} s"
+        + (f" ({rate:.1f} segments/s)" if rate else " (reused)")
+        + f", indexing {manifest['index_seconds']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

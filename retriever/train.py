@@ -1,0 +1,448 @@
+"""Retriever-only fine-tuning with InfoNCE: `python -m retriever.train --config C [key=value ...]`.
+
+1. Opens `run_dir/store` and the current index (built by `retriever.index`, built here if missing).
+2. Evaluates `retriever.model` on the evaluation split (`data.split`, dev or test) → "before".
+3. Pairs every `train`-split question with its gold segment (the one that contains an answer) and
+   mines `retriever.finetune.hard_negatives` hard negatives per question from the current index:
+   the best-ranked segments that are not gold, contain no answer, and belong to train articles (so
+   no dev/test article text is ever trained on).
+4. Trains with sentence-transformers' trainer: MultipleNegativesRankingLoss (InfoNCE over in-batch
+   + hard negatives, scale = 1 / temperature; the GradCache variant when `mini_batch_size` > 0) and
+   the no-duplicates batch sampler (no question's positive appears as another's in-batch negative).
+5. Saves the model atomically to `run_dir/retriever/` (use it with retriever.model=<run_dir>/retriever).
+6. Re-embeds the store with the new encoder (into `run_dir` when `retriever.finetune.reindex`, else
+   into a scratch folder) and evaluates again → "after"; writes `run_dir/logs/retriever_train.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from configs.cli import build_parser, parse, run_main
+from configs.errors import UserError
+from configs.loader import to_dict
+from data_prep.atomic import atomic_dir, atomic_write_json
+from data_prep.records import QAExample, Segment
+from data_prep.split import split_of
+from data_prep.store import SegmentStore, load_qa, segment_input_text
+from retriever.encoder import Encoder
+from retriever.faiss_index import load_index_dir
+from retriever.index import build_index
+from retriever.metrics import AnswerMatcher, retrieval_metrics
+from retriever.search import Retriever
+
+log = logging.getLogger(__name__)
+
+EVAL_KS = (1, 5, 20)
+
+
+@dataclass
+class TrainPair:
+    """One InfoNCE example: the question, its gold segment's text and mined hard negatives' texts."""
+
+    question: str
+    positive: str
+    negatives: list[str]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def gold_segment(store: SegmentStore, ex: QAExample) -> Segment | None:
+    """The example's gold segment that contains an answer (else its first gold segment; None if none)."""
+    ids = [i for i in ex.gold_segment_ids if 0 <= i < len(store)]
+    if not ids:
+        return None
+    segs = store.get_many(ids)
+    match = AnswerMatcher(ex.answers)
+    return next((s for s in segs if match(s.text)), segs[0])
+
+
+def training_examples(store_dir: Path, max_pairs: int = 0, seed: int = 0) -> list[tuple[QAExample, Segment]]:
+    """(question, gold segment) for `train`-split questions only; the split is re-checked per example."""
+    store = SegmentStore.open(store_dir)
+    examples = load_qa(store_dir, "train")
+    bad = [ex.id for ex in examples if ex.split != "train"]
+    if bad:  # load_qa filters by split; this guards the one rule against a future change there
+        raise RuntimeError(f"non-train examples reached training: {bad[:5]}")
+    pairs = [(ex, seg) for ex in examples if (seg := gold_segment(store, ex)) is not None]
+    if len(pairs) < len(examples):
+        log.info(
+            "%d of %d train questions have no gold segment and are skipped",
+            len(examples) - len(pairs),
+            len(examples),
+        )
+    if max_pairs and len(pairs) > max_pairs:
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(len(pairs), size=max_pairs, replace=False))
+        pairs = [pairs[i] for i in keep]
+    if not pairs:
+        raise UserError(f"{store_dir}: no train-split question has a gold segment; nothing to fine-tune on")
+    return pairs
+
+
+def mine_hard_negatives(
+    retriever: Retriever,
+    pairs: list[tuple[QAExample, Segment]],
+    n_negatives: int,
+    cfg,
+    depth: int | None = None,
+    seed: int = 0,
+) -> list[list[str]]:
+    """For each pair, the texts of the `n_negatives` best-ranked allowed segments of the current index.
+
+    Allowed: not a gold segment, contains no answer, from a train-split article. When the top `depth`
+    has too few, random allowed segments fill in (so every row has the same number of columns).
+    """
+    if n_negatives <= 0:
+        return [[] for _ in pairs]
+    depth = depth or max(20, 4 * n_negatives)
+    store = retriever.store
+    # The split rule the store was built with (its manifest records it) decides what is a train article.
+    rule = store.manifest.get("split_rule") or {}
+    split_seed = rule.get("seed", cfg.seed)
+    dev, test = rule.get("dev", cfg.data.dev_fraction), rule.get("test", cfg.data.test_fraction)
+
+    def is_train(title: str) -> bool:
+        return split_of(title, split_seed, dev, test) == "train"
+
+    vectors = retriever.encoder.encode_queries([ex.question for ex, _ in pairs], show_progress=True)
+    _, ids = retriever.search_vectors(vectors, depth)
+    rng = np.random.default_rng(seed)
+    out: list[list[str]] = []
+    n_random = 0
+    for (ex, pos), row in zip(pairs, ids):
+        gold = set(ex.gold_segment_ids) | {pos.segment_id}
+        match = AnswerMatcher(ex.answers)
+        chosen: list[str] = []
+        for seg in store.get_many([int(i) for i in row if 0 <= i < len(store) and int(i) not in gold]):
+            if not match(seg.text) and is_train(seg.title):
+                chosen.append(segment_input_text(seg))
+                if len(chosen) == n_negatives:
+                    break
+        tries = 0
+        while len(chosen) < n_negatives and tries < 100:
+            tries += 1
+            seg = store.get(int(rng.integers(len(store))))
+            text = segment_input_text(seg)
+            if (
+                seg.segment_id not in gold
+                and not match(seg.text)
+                and is_train(seg.title)
+                and text not in chosen
+            ):
+                chosen.append(text)
+                n_random += 1
+        while len(chosen) < n_negatives:  # a degenerate corpus: repeat what we have
+            chosen.append(chosen[-1] if chosen else "")
+        out.append(chosen)
+    if n_random:
+        log.info(
+            "hard negatives: %d of %d filled with random train segments", n_random, len(pairs) * n_negatives
+        )
+    return out
+
+
+def make_pairs(pairs: list[tuple[QAExample, Segment]], negatives: list[list[str]]) -> list[TrainPair]:
+    return [
+        TrainPair(ex.question, segment_input_text(seg), negs) for (ex, seg), negs in zip(pairs, negatives)
+    ]
+
+
+def to_dataset(pairs: list[TrainPair]):
+    """A datasets.Dataset with columns anchor, positive, negative_1..n (the loss reads them in order)."""
+    from datasets import Dataset
+
+    columns = {"anchor": [p.question for p in pairs], "positive": [p.positive for p in pairs]}
+    n_neg = len(pairs[0].negatives) if pairs else 0
+    for j in range(n_neg):
+        columns[f"negative_{j + 1}"] = [p.negatives[j] for p in pairs]
+    return Dataset.from_dict(columns)
+
+
+# ------------------------------------------------------------------------------------------ loss & training
+
+
+def make_loss(model, temperature: float = 0.05, similarity: str = "cosine", mini_batch_size: int = 0):
+    """InfoNCE: MultipleNegativesRankingLoss (scale = 1/temperature), cached (GradCache) for big batches."""
+    from sentence_transformers import util
+    from sentence_transformers.sentence_transformer import losses
+
+    if temperature <= 0:
+        raise UserError(f"retriever.finetune.temperature must be > 0, got {temperature}")
+    sim = util.cos_sim if similarity == "cosine" else util.dot_score
+    if mini_batch_size > 0:
+        return losses.CachedMultipleNegativesRankingLoss(
+            model, scale=1.0 / temperature, similarity_fct=sim, mini_batch_size=mini_batch_size
+        )
+    return losses.MultipleNegativesRankingLoss(model, scale=1.0 / temperature, similarity_fct=sim)
+
+
+def infonce_loss(
+    encoder: Encoder, pairs: list[TrainPair], temperature: float = 0.05, batch_size: int = 32
+) -> float:
+    """Mean InfoNCE loss over fixed consecutive batches of `pairs` (no gradient): a before/after yardstick."""
+    from sentence_transformers import util
+    from sentence_transformers.sentence_transformer import losses
+
+    sim = util.cos_sim if encoder.similarity == "cosine" else util.dot_score
+    loss_fn = losses.MultipleNegativesRankingLoss(encoder.model, scale=1.0 / temperature, similarity_fct=sim)
+    total, batches = 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        cols = [
+            encoder.encode_queries([p.question for p in chunk]),
+            encoder.encode_passages([p.positive for p in chunk]),
+        ]
+        for j in range(len(chunk[0].negatives)):
+            cols.append(encoder.encode_passages([p.negatives[j] for p in chunk]))
+        with torch.no_grad():
+            total += float(loss_fn.compute_loss_from_embeddings([torch.from_numpy(c) for c in cols], None))
+        batches += 1
+    return total / max(batches, 1)
+
+
+def train_encoder(
+    encoder: Encoder,
+    pairs: list[TrainPair],
+    *,
+    out_dir: Path,
+    lr: float = 2e-5,
+    epochs: float = 1.0,
+    batch_size: int = 32,
+    mini_batch_size: int = 0,
+    temperature: float = 0.05,
+    seed: int = 0,
+    device: str = "auto",
+    max_steps: int = -1,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune `encoder.model` in place on `pairs` and save it (sentence-transformers format) to `out_dir`.
+
+    Returns {"steps", "seconds", "steps_per_s", "train_loss", "loss_log": [(step, loss), ...]}.
+    """
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    if not pairs:
+        raise UserError("no training pairs")
+    model = encoder.model
+    model.to(torch.float32)  # master weights in fp32; mixed precision on GPU comes from the trainer
+    dataset = to_dataset(pairs)
+    loss = make_loss(model, temperature, encoder.similarity, mini_batch_size)
+    cuda = torch.cuda.is_available() and device != "cpu"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    prompts = {}
+    if encoder.query_prefix:
+        prompts["anchor"] = encoder.query_prefix
+    if encoder.passage_prefix:
+        prompts.update({c: encoder.passage_prefix for c in dataset.column_names if c != "anchor"})
+    steps_per_epoch = math.ceil(len(pairs) / batch_size)
+    with tempfile.TemporaryDirectory(prefix="retriever-train-") as scratch:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=scratch,
+            num_train_epochs=epochs,
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=lr,
+            warmup_steps=0.1,
+            lr_scheduler_type="linear",
+            batch_sampler=BatchSamplers.NO_DUPLICATES,
+            seed=seed,
+            data_seed=seed,
+            logging_steps=max(1, min(50, steps_per_epoch // 10)),
+            logging_first_step=True,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not cuda,
+            bf16=bf16,
+            fp16=cuda and not bf16,
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
+            prompts=prompts or None,
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+        t0 = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - t0
+        history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    with atomic_dir(out_dir) as tmp:
+        model.save(str(tmp))
+    steps = int(result.global_step)
+    return {
+        "steps": steps,
+        "seconds": round(seconds, 2),
+        "steps_per_s": round(steps / seconds, 4) if seconds else None,
+        "train_loss": float(result.training_loss),
+        "loss_log": history,
+        "pairs": len(pairs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(retriever: Retriever, examples: list[QAExample], ks=EVAL_KS, batch: int = 256) -> dict:
+    """Retrieval metrics of `examples` (top-k accuracy, gold-doc hit@k, recall@k, MRR@10)."""
+    hits = []
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        hits.extend(retriever.batch_search([ex.question for ex in chunk], max(max(ks), 10)))
+    return retrieval_metrics(examples, hits, ks)
+
+
+def eval_examples(store_dir: Path, split: str, limit: int) -> list[QAExample]:
+    if split not in ("dev", "test"):
+        raise UserError(
+            f"retriever.train evaluates on data.split=dev or test (held-out articles), got {split!r}"
+        )
+    examples = load_qa(store_dir, split)
+    if not examples:
+        raise UserError(f"{store_dir}: no {split}-split questions to evaluate on")
+    return examples[:limit] if limit else examples
+
+
+def retriever_over(
+    cfg, encoder: Encoder, store: SegmentStore, out_dir: Path, progress: bool = True
+) -> Retriever:
+    """Embed + index `store` with `encoder` into `out_dir` (reused when it already matches) and open it."""
+    index_dir = out_dir / "index"
+    try:
+        index, manifest = load_index_dir(
+            index_dir,
+            encoder_fingerprint=encoder.fingerprint,
+            dim=encoder.dim,
+            store_fingerprint=store.fingerprint,
+            use_gpu=cfg.index.use_gpu,
+            verify_sha256=cfg.index.verify_sha256,
+        )
+    except UserError:
+        build_index(cfg, encoder=encoder, run_dir=out_dir, store=store, progress=progress)
+        index, manifest = load_index_dir(
+            index_dir,
+            encoder_fingerprint=encoder.fingerprint,
+            dim=encoder.dim,
+            store_fingerprint=store.fingerprint,
+            use_gpu=cfg.index.use_gpu,
+            verify_sha256=cfg.index.verify_sha256,
+        )
+    return Retriever(
+        encoder=encoder,
+        index=index,
+        manifest=manifest,
+        store=store,
+        run_dir=out_dir,
+        nprobe=cfg.index.nprobe,
+        window=cfg.data.window,
+        stride=cfg.data.stride,
+        use_gpu=cfg.index.use_gpu,
+    )
+
+
+def run(cfg, progress: bool = True) -> dict:
+    """The whole command (see the module docstring); returns the report it writes."""
+    ft = cfg.retriever.finetune
+    run_dir = Path(cfg.run_dir)
+    store_dir = run_dir / "store"
+    store = SegmentStore.open(store_dir)
+    eval_set = eval_examples(store_dir, cfg.data.split, ft.eval_limit)
+    pairs = training_examples(store_dir, ft.max_pairs, cfg.seed)
+    log.info(
+        "fine-tuning on %d train pairs; evaluating on %d %s questions",
+        len(pairs),
+        len(eval_set),
+        cfg.data.split,
+    )
+
+    encoder = Encoder.from_config(cfg, dtype="float32")
+    before_ret = retriever_over(cfg, encoder, store, run_dir, progress)
+    before = evaluate(before_ret, eval_set)
+    log.info("before: %s", _fmt(before))
+    negatives = mine_hard_negatives(before_ret, pairs, ft.hard_negatives, cfg, seed=cfg.seed)
+    train_pairs = make_pairs(pairs, negatives)
+    loss_sample = train_pairs[: max(1, ft.loss_pairs)]
+    loss_before = infonce_loss(encoder, loss_sample, ft.temperature, ft.batch_size)
+
+    out_dir = run_dir / "retriever"
+    stats = train_encoder(
+        encoder,
+        train_pairs,
+        out_dir=out_dir,
+        lr=ft.lr,
+        epochs=ft.epochs,
+        batch_size=ft.batch_size,
+        mini_batch_size=ft.mini_batch_size,
+        temperature=ft.temperature,
+        seed=cfg.seed,
+        device=cfg.device,
+        max_steps=ft.max_steps or -1,
+        progress=progress,
+    )
+    # Reload from disk: the saved folder is what users will load, and its fingerprint is what indexes record.
+    tuned = Encoder.from_config(cfg, model=str(out_dir))
+    loss_after = infonce_loss(tuned, loss_sample, ft.temperature, ft.batch_size)
+    if ft.reindex:
+        after_ret = retriever_over(cfg, tuned, store, run_dir, progress)
+        after = evaluate(after_ret, eval_set)
+    else:
+        with tempfile.TemporaryDirectory(prefix="retriever-eval-") as scratch:
+            after = evaluate(retriever_over(cfg, tuned, store, Path(scratch), progress), eval_set)
+    log.info("after:  %s", _fmt(after))
+    report = {
+        "model_in": cfg.retriever.model,
+        "model_out": str(out_dir),
+        "encoder_fingerprint": tuned.fingerprint,
+        "eval_split": cfg.data.split,
+        "train_pairs": len(train_pairs),
+        "hard_negatives": ft.hard_negatives,
+        "infonce_loss_before": loss_before,
+        "infonce_loss_after": loss_after,
+        "train": stats,
+        "before": before,
+        "after": after,
+        "reindexed": ft.reindex,
+        "config": to_dict(cfg),
+    }
+    atomic_write_json(run_dir / "logs" / "retriever_train.json", report)
+    return report
+
+
+def _fmt(m: dict) -> str:
+    keys = [f"top{k}_accuracy" for k in EVAL_KS] + ["gold_doc_hit@5", "recall@5", "mrr@10"]
+    return "  ".join(f"{k}={m[k]:.3f}" for k in keys if m.get(k) is not None)
+
+
+def main(argv=None) -> int:
+    parser = build_parser("python -m retriever.train", __doc__)
+    cfg, ns = parse(parser, argv)
+    if ns.args:
+        raise UserError(
+            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
+        )
+    report = run(cfg)
+    s = report["train"]
+    print(
+        f"trained {s['steps']} steps in {s['seconds']:.0f} s ({s['steps_per_s']:.3f} steps/s) on "
+        f"{report['train_pairs']} pairs; InfoNCE {report['infonce_loss_before']:.3f} -> "
+        f"{report['infonce_loss_after']:.3f}"
+    )
+    print(f"{report['eval_split']} ({report['before']['n']} questions)")
+    print(f"  before: {_fmt(report['before'])}")
+    print(f"  after:  {_fmt(report['after'])}")
+    print(f"model: {report['model_out']}  (use retriever.model={report['model_out']})")
+    print(json.dumps({"before": report["before"], "after": report["after"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,146 @@
+"""The faiss wrapper and the index directory: round trip, refusal of mismatches, live add/remove."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from configs.errors import UserError
+from retriever.faiss_index import (
+    FaissIndex,
+    default_nlist,
+    expand_factory,
+    load_index_dir,
+    read_manifest,
+    save_index_dir,
+)
+
+
+def _unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return _unit(rng, 2000), _unit(rng, 20)
+
+
+def _ivf(vectors, ids=None, nlist=16):
+    index = FaissIndex.create(expand_factory("IVF{nlist},Flat", nlist), vectors.shape[1], use_gpu="false")
+    index.train(vectors)
+    index.add(vectors, np.arange(len(vectors)) if ids is None else ids)
+    return index
+
+
+def test_default_nlist_rule():
+    assert default_nlist(10) == 1  # too few points for more than one centroid
+    assert default_nlist(39 * 5) == 5  # capped by 39 training points per centroid
+    assert default_nlist(10_000) == 256  # 10_000 // 39 = 256 < 4·√N = 400
+    assert default_nlist(1_000_000) == 4000  # 4·√N
+    assert expand_factory("IVF{nlist},PQ48", 181) == "IVF181,PQ48"
+    assert expand_factory("Flat", 181) == "Flat"
+
+
+def test_flat_is_exact_and_ids_are_kept(data):
+    x, q = data
+    ids = np.arange(len(x)) * 3 + 7  # arbitrary int64 ids
+    index = FaissIndex.create("Flat", x.shape[1], use_gpu="false")
+    index.add(x, ids)
+    scores, got = index.search(q, 5)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(got, ids[exact])
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, exact, 1), rtol=1e-5)
+
+
+def test_round_trip(tmp_path, data):
+    x, q = data
+    index = _ivf(x)
+    before = index.search(q, 10, nprobe=4)
+    saved = save_index_dir(
+        tmp_path / "index",
+        index,
+        {"encoder": {"name": "enc", "fingerprint": "f1"}, "store_fingerprint": "s1", "nprobe": 4},
+    )
+    assert {"sha256", "ntotal", "dim", "nlist", "factory", "metric"} <= set(saved)
+    assert saved["ntotal"] == 2000 and saved["nlist"] == 16 and saved["factory"] == "IVF16,Flat"
+    loaded, manifest = load_index_dir(
+        tmp_path / "index", encoder_fingerprint="f1", dim=16, store_fingerprint="s1", use_gpu="false"
+    )
+    assert manifest == read_manifest(tmp_path / "index") == saved
+    after = loaded.search(q, 10, nprobe=4)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_allclose(before[0], after[0])
+    # nprobe comes from the manifest when the caller does not set it
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], after[1])
+
+
+def test_refuses_mismatched_manifest(tmp_path, data):
+    x, _ = data
+    save_index_dir(
+        tmp_path / "index",
+        _ivf(x),
+        {"encoder": {"name": "minilm", "fingerprint": "f1"}, "store_fingerprint": "s1", "nprobe": 4},
+    )
+    with pytest.raises(UserError, match=r"built with encoder `minilm`.*retriever.model="):
+        load_index_dir(tmp_path / "index", encoder_fingerprint="other", encoder_name="tuned")
+    with pytest.raises(UserError, match="16-d vectors but the encoder makes 384-d"):
+        load_index_dir(tmp_path / "index", encoder_fingerprint="f1", dim=384)
+    with pytest.raises(UserError, match="segment store s1"):
+        load_index_dir(tmp_path / "index", encoder_fingerprint="f1", dim=16, store_fingerprint="s2")
+    # a replaced index file no longer matches the recorded sha256
+    path = tmp_path / "index" / "index.faiss"
+    _ivf(x[:500]).write(path)
+    with pytest.raises(UserError, match="sha256 does not match"):
+        load_index_dir(tmp_path / "index")
+    # ...and when its manifest is patched to the new hash, ntotal still gives it away
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    from data_prep.atomic import sha256_file
+
+    manifest["sha256"] = sha256_file(path)
+    (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="holds 500 × 16 vectors, the manifest says 2000"):
+        load_index_dir(tmp_path / "index")
+    with pytest.raises(UserError, match="no index at"):
+        load_index_dir(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("factory", ["IVF{nlist},Flat", "Flat"])
+def test_add_and_remove_live(factory, data):
+    x, _ = data
+    index = FaissIndex.create(expand_factory(factory, 8), 16, use_gpu="false")
+    index.train(x)
+    index.add(x[:1000], np.arange(1000))
+    # remove: the removed vector no longer comes back for its own query
+    assert index.remove([3, 4, 999999]) == 2
+    assert index.ntotal == 998
+    _, ids = index.search(x[[3, 4, 5]], 3, nprobe=8)
+    assert 3 not in ids and 4 not in ids and ids[2, 0] == 5
+    # add with new ids after the current maximum: found with their own query
+    new_ids = np.array([5000, 5001])
+    index.add(x[1000:1002], new_ids)
+    _, ids = index.search(x[1000:1002], 1, nprobe=8)
+    assert ids[:, 0].tolist() == [5000, 5001]
+    assert index.ntotal == 1000
+
+
+def test_remove_unsupported_and_bad_factory():
+    index = FaissIndex.create("HNSW8", 8, use_gpu="false")
+    index.add(np.eye(8, dtype=np.float32), np.arange(8))
+    with pytest.raises(UserError, match="does not support removing"):
+        index.remove([1])
+    with pytest.raises(UserError, match="not a valid faiss factory"):
+        FaissIndex.create("IVFnope,Flat", 8)
+    with pytest.raises(UserError, match="faiss sees no GPU"):
+        FaissIndex.create("Flat", 8, use_gpu="true")
+
+
+def test_search_pads_missing_with_minus_one(data):
+    x, q = data
+    index = FaissIndex.create("Flat", 16, use_gpu="false")
+    index.add(x[:3], np.array([10, 11, 12]))
+    scores, ids = index.search(q[:2], 5)
+    assert ids.shape == (2, 5) and (ids[:, 3:] == -1).all() and set(ids[0, :3]) == {10, 11, 12}
