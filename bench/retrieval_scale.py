@@ -24,6 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from bench.machine import PeakRSS
 from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from data_prep.atomic import atomic_write_json
@@ -55,9 +56,19 @@ class Mixture:
         return out
 
 
-def fit_mixture(x: np.ndarray, n_components: int = 32, seed: int = 0) -> Mixture:
-    """Fit a diagonal Gaussian mixture by k-means (hard EM): one component per cluster."""
+POINTS_PER_COMPONENT = 40
+
+
+def fit_mixture(x: np.ndarray, n_components: int | None = None, seed: int = 0) -> Mixture:
+    """Fit a diagonal Gaussian mixture by k-means (hard EM): one component per cluster.
+
+    The default is as many components as the data supports (one per 40 points, so that each diagonal
+    variance has enough members). Fewer components make a smoother, harder dataset: at 100k vectors
+    fitted to the same 2,528 real segments, 32 components gave recall@10 0.58 at nprobe 16, 63 gave 0.87.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if n_components is None:
+        n_components = min(4096, len(x) // POINTS_PER_COMPONENT)
     n_components = max(1, min(n_components, len(x) // 20))
     km = faiss.Kmeans(x.shape[1], n_components, niter=25, seed=seed, verbose=False)
     km.train(x)
@@ -96,8 +107,13 @@ def measure(
     train_sample: int = 0,
     single_queries: int = 200,
     seed: int = 0,
+    keep: dict | None = None,
 ) -> dict:
-    """Exact Flat vs `factory` on the same vectors: recall@k relative to exact and queries/s per nprobe."""
+    """Exact Flat vs `factory` on the same vectors: recall@k relative to exact and queries/s per nprobe.
+
+    `keep` (a dict) receives the built index, the exact top-k ids and the inputs, for callers that
+    measure more on the same data (bench/retrieval.py: compressed codecs on the same coarse quantizer).
+    """
     n, dim = vectors.shape
     ids = np.arange(n, dtype=np.int64)
     exact = FaissIndex.create("Flat", dim, use_gpu="false")
@@ -111,13 +127,14 @@ def measure(
     index = FaissIndex.create(expand_factory(factory, nlist), dim, use_gpu="false")
     size = train_sample or min(n, 64 * max(index.nlist, 1))
     rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    index.train(vectors[np.sort(rng.choice(n, size=size, replace=False))])
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for start in range(0, n, 65536):
-        index.add(vectors[start : start + 65536], ids[start : start + 65536])
-    t_add = time.perf_counter() - t0
+    with PeakRSS() as build_mem:  # peak resident memory of the IVF build (train + add)
+        t0 = time.perf_counter()
+        index.train(vectors[np.sort(rng.choice(n, size=size, replace=False))])
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for start in range(0, n, 65536):
+            index.add(vectors[start : start + 65536], ids[start : start + 65536])
+        t_add = time.perf_counter() - t0
     rows = []
     for nprobe in nprobe_values:
         if index.nlist and nprobe > index.nlist:
@@ -136,6 +153,8 @@ def measure(
                 "ms_per_query_single": round(1000 * t_single / len(single), 3),
             }
         )
+    if keep is not None:
+        keep.update(index=index, truth=truth, vectors=vectors, queries=queries)
     return {
         "n_vectors": int(n),
         "dim": int(dim),
@@ -151,6 +170,7 @@ def measure(
             "train_vectors": int(size),
             "train_s": round(t_train, 2),
             "add_s": round(t_add, 2),
+            "build_memory": build_mem.as_dict(),
             "by_nprobe": rows,
         },
         "faiss_threads": faiss.omp_get_max_threads(),
@@ -188,9 +208,22 @@ def _real_questions(cfg, run_dir: Path, n: int) -> np.ndarray | None:
 
 
 def retrieval_scale(
-    cfg, *, embeddings: list[str] | None = None, n_components: int = 32, factory: str | None = None
+    cfg,
+    *,
+    embeddings: list[str] | None = None,
+    n_components: int | None = None,
+    factory: str | None = None,
+    queries: str = "auto",
+    keep: dict | None = None,
 ) -> dict:
-    """The whole benchmark with `cfg.bench.*` sizes; returns the numbers (see the module docstring)."""
+    """The whole benchmark with `cfg.bench.*` sizes; returns the numbers (see the module docstring).
+
+    `queries`: `auto` = real encoded questions when the run has any, else mixture samples; `mixture` =
+    held-out samples of the fitted mixture (drawn like the corpus vectors); `questions` = real ones only.
+    `keep` is passed to `measure`.
+    """
+    if queries not in ("auto", "mixture", "questions"):
+        raise UserError(f"queries must be auto, mixture or questions, got {queries!r}")
     b = cfg.bench
     run_dir = Path(cfg.run_dir)
     dirs = [Path(p) for p in embeddings] if embeddings else [run_dir / "embeddings"]
@@ -198,9 +231,12 @@ def retrieval_scale(
     real, sources = _real_vectors(dirs, b.fit_segments, cfg.seed)
     mix = fit_mixture(real, n_components, cfg.seed)
     vectors = mix.sample(b.n_vectors, seed=cfg.seed + 1)
-    queries = _real_questions(cfg, run_dir, b.n_queries)
+    source = queries
+    queries = None if source == "mixture" else _real_questions(cfg, run_dir, b.n_queries)
     query_source = "real encoded questions"
     if queries is None or len(queries) == 0 or queries.shape[1] != vectors.shape[1]:
+        if source == "questions":
+            raise UserError(f"no encoded questions of {vectors.shape[1]} dims in {run_dir / 'store'}")
         queries, query_source = mix.sample(b.n_queries, seed=cfg.seed + 2), "mixture samples"
     t_prep = time.perf_counter() - t0
     result = measure(
@@ -211,6 +247,7 @@ def retrieval_scale(
         nprobe_values=b.nprobe_values,
         repeats=b.repeats,
         seed=cfg.seed,
+        keep=keep,
     )
     result.update(
         {
@@ -253,7 +290,9 @@ def main(argv=None) -> int:
         default=None,
         help="embedding folder(s) to fit the mixture to (default: run_dir/embeddings)",
     )
-    parser.add_argument("--components", type=int, default=32, help="mixture components")
+    parser.add_argument(
+        "--components", type=int, default=None, help="mixture components (default: one per 40 real vectors)"
+    )
     parser.add_argument("--out", default=None, help="JSON file for the numbers (default run_dir/bench/...)")
     cfg, ns = parse(parser, argv)
     if ns.args:

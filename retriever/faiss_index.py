@@ -79,7 +79,11 @@ class FaissIndex:
                 f"index.factory `{factory}` is not a valid faiss factory string for dim {dim}: "
                 f"{str(e).splitlines()[0]}"
             ) from e
-        if faiss.try_extract_index_ivf(index) is None:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and hasattr(ivf, "do_polysemous_training"):
+            # Polysemous codes only serve Hamming-filtered search, which we never use; training them is slow.
+            faiss.downcast_index(ivf).do_polysemous_training = False
+        if ivf is None:
             # Flat, HNSW, PQ... have no ids of their own: map them to the store's segment ids.
             index = faiss.IndexIDMap2(index)
         return cls(index, metric=metric, factory=factory, use_gpu=use_gpu)

@@ -192,7 +192,7 @@ class Retriever:
         if self._segmenter is None:
             from data_prep.segment import Segmenter
 
-            self._segmenter = Segmenter(_tokenizer_backend(self.encoder), self.window, self.stride)
+            self._segmenter = Segmenter(tokenizer_backend(self.encoder), self.window, self.stride)
         return self._segmenter
 
     def add_documents(self, docs: Sequence[Document | dict]) -> list[Segment]:
@@ -375,7 +375,7 @@ def _as_document(doc: Document | dict, position: int) -> Document:
     return d
 
 
-def _tokenizer_backend(encoder: Encoder):
+def tokenizer_backend(encoder: Encoder):
     """A private `tokenizers.Tokenizer` copy of the encoder's fast tokenizer, without truncation/padding."""
     from tokenizers import Tokenizer
 
@@ -386,3 +386,6 @@ def _tokenizer_backend(encoder: Encoder):
     tok.no_truncation()
     tok.no_padding()
     return tok
+
+
+_tokenizer_backend = tokenizer_backend  # the name other modules' tests imported first

@@ -9,6 +9,8 @@
 4. Trains with sentence-transformers' trainer: MultipleNegativesRankingLoss (InfoNCE over in-batch
    + hard negatives, scale = 1 / temperature; the GradCache variant when `mini_batch_size` > 0) and
    the no-duplicates batch sampler (no question's positive appears as another's in-batch negative).
+   Every `retriever.finetune.save_steps` steps a checkpoint goes to `run_dir/retriever_checkpoints/`;
+   rerunning the same command after a crash resumes from it (same model, pairs and settings only).
 5. Saves the model atomically to `run_dir/retriever/` (use it with retriever.model=<run_dir>/retriever).
 6. Re-embeds the store with the new encoder (into `run_dir` when `retriever.finetune.reindex`, else
    into a scratch folder) and evaluates again → "after"; writes `run_dir/logs/retriever_train.json`.
@@ -16,9 +18,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,7 +35,7 @@ import torch
 from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from configs.loader import to_dict
-from data_prep.atomic import atomic_dir, atomic_write_json
+from data_prep.atomic import atomic_dir, atomic_write_json, fingerprint
 from data_prep.records import QAExample, Segment
 from data_prep.split import split_of
 from data_prep.store import SegmentStore, load_qa, segment_input_text
@@ -224,11 +229,16 @@ def train_encoder(
     seed: int = 0,
     device: str = "auto",
     max_steps: int = -1,
+    checkpoint_dir: Path | None = None,
+    save_steps: int = 0,
     progress: bool = True,
 ) -> dict:
     """Fine-tune `encoder.model` in place on `pairs` and save it (sentence-transformers format) to `out_dir`.
 
-    Returns {"steps", "seconds", "steps_per_s", "train_loss", "loss_log": [(step, loss), ...]}.
+    With `checkpoint_dir` and `save_steps` > 0, the trainer saves a checkpoint every `save_steps` steps
+    there, and a rerun with the same model, pairs and settings resumes from the last one (the folder is
+    deleted once the model is saved). Returns {"steps", "seconds", "steps_per_s", "train_loss",
+    "loss_log": [(step, loss), ...], "resumed_from": step or None}.
     """
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
@@ -247,9 +257,33 @@ def train_encoder(
     if encoder.passage_prefix:
         prompts.update({c: encoder.passage_prefix for c in dataset.column_names if c != "anchor"})
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
-    with tempfile.TemporaryDirectory(prefix="retriever-train-") as scratch:
+    key = fingerprint(
+        [
+            encoder.fingerprint,
+            [dataclasses.astuple(p) for p in pairs],
+            lr,
+            epochs,
+            batch_size,
+            mini_batch_size,
+            temperature,
+            seed,
+            max_steps,
+            encoder.query_prefix,
+            encoder.passage_prefix,
+        ]
+    )
+    resume = _resumable_checkpoint(checkpoint_dir, key) if checkpoint_dir and save_steps > 0 else None
+    with contextlib.ExitStack() as stack:
+        if checkpoint_dir and save_steps > 0:
+            output_dir = Path(checkpoint_dir)
+            if resume is None:
+                shutil.rmtree(output_dir, ignore_errors=True)  # another run's checkpoints: never resume those
+            output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(output_dir / _KEY_FILE, {"key": key})
+        else:
+            output_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="retriever-train-")))
         args = SentenceTransformerTrainingArguments(
-            output_dir=scratch,
+            output_dir=str(output_dir),
             num_train_epochs=epochs,
             max_steps=max_steps,
             per_device_train_batch_size=batch_size,
@@ -261,7 +295,9 @@ def train_encoder(
             data_seed=seed,
             logging_steps=max(1, min(50, steps_per_epoch // 10)),
             logging_first_step=True,
-            save_strategy="no",
+            save_strategy="steps" if save_steps > 0 and checkpoint_dir else "no",
+            save_steps=max(1, save_steps),
+            save_total_limit=1,
             report_to="none",
             use_cpu=not cuda,
             bf16=bf16,
@@ -271,22 +307,48 @@ def train_encoder(
             prompts=prompts or None,
         )
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss)
+        if resume is not None:
+            log.info("resuming retriever fine-tuning from %s", resume)
         t0 = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         seconds = time.perf_counter() - t0
         history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     model.eval()
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))
+    if checkpoint_dir and save_steps > 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     steps = int(result.global_step)
+    done_here = steps - (_checkpoint_step(resume) if resume is not None else 0)
     return {
         "steps": steps,
+        "resumed_from": _checkpoint_step(resume) if resume is not None else None,
         "seconds": round(seconds, 2),
-        "steps_per_s": round(steps / seconds, 4) if seconds else None,
+        "steps_per_s": round(done_here / seconds, 4) if seconds else None,
         "train_loss": float(result.training_loss),
         "loss_log": history,
         "pairs": len(pairs),
     }
+
+
+_KEY_FILE = "retriever_train_key.json"
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def _resumable_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
+    """The last `checkpoint-N` in `checkpoint_dir` if it was made by a run with the same `key`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    try:
+        saved = json.loads((checkpoint_dir / _KEY_FILE).read_text(encoding="utf-8")).get("key")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved != key:
+        return None
+    done = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=_checkpoint_step) if done else None
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -386,6 +448,8 @@ def run(cfg, progress: bool = True) -> dict:
         seed=cfg.seed,
         device=cfg.device,
         max_steps=ft.max_steps or -1,
+        checkpoint_dir=run_dir / "retriever_checkpoints",
+        save_steps=ft.save_steps,
         progress=progress,
     )
     # Reload from disk: the saved folder is what users will load, and its fingerprint is what indexes record.

@@ -12,7 +12,7 @@ from configs.errors import UserError
 from data_prep.store import SegmentStore, segment_input_text
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder
-from retriever.search import _tokenizer_backend
+from retriever.search import tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 
 
@@ -35,7 +35,7 @@ def world(tmp_path_factory):
     make_tiny_encoder(root / "enc", words)
     make_tiny_encoder(root / "enc2", words, seed=1)
     encoder = Encoder.load(str(root / "enc"), max_seq_length=64, batch_size=4, device="cpu")
-    write_toy_store(root / "store", docs, questions, _tokenizer_backend(encoder))
+    write_toy_store(root / "store", docs, questions, tokenizer_backend(encoder))
     return root, encoder, SegmentStore.open(root / "store")
 
 

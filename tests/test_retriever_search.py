@@ -12,7 +12,7 @@ from data_prep.records import Document
 from data_prep.store import SegmentStore, segment_input_text
 from retriever import index as index_cli
 from retriever.encoder import Encoder
-from retriever.search import Hit, Retriever, _tokenizer_backend
+from retriever.search import Hit, Retriever, tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 
 EXTRA = "Quorn is a new country. The capital of Quorn is Zib. Quorn is led by Wub."
@@ -46,7 +46,7 @@ def built(tmp_path_factory):
     ]
     cfg = load_config(None, overrides)
     encoder = Encoder.from_config(cfg)
-    write_toy_store(root / "run" / "store", docs, questions, _tokenizer_backend(encoder))
+    write_toy_store(root / "run" / "store", docs, questions, tokenizer_backend(encoder))
     assert index_cli.main(overrides) == 0  # python -m retriever.index
     return root, cfg, overrides, encoder
 
@@ -93,7 +93,7 @@ def test_refuses_other_encoder_and_other_store(built, tmp_path):
 
     shutil.copytree(root / "run" / "index", tmp_path / "index")
     docs, questions = toy_documents(5, seed=9)
-    write_toy_store(tmp_path / "store", docs, questions, _tokenizer_backend(Encoder.from_config(cfg)))
+    write_toy_store(tmp_path / "store", docs, questions, tokenizer_backend(Encoder.from_config(cfg)))
     with pytest.raises(UserError, match="built over segment store"):
         Retriever.from_config(cfg, run_dir=tmp_path)
 

@@ -14,7 +14,7 @@ from data_prep.store import SegmentStore, load_qa
 from retriever import train as T
 from retriever.encoder import Encoder
 from retriever.faiss_index import read_manifest
-from retriever.search import Retriever, _tokenizer_backend
+from retriever.search import Retriever, tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 
 
@@ -44,7 +44,7 @@ def _setup(root, n_docs, splits=None, extra=()):
     cfg = load_config(None, overrides)
     encoder = Encoder.from_config(cfg, dtype="float32")
     split_map = {d.id: splits for d in docs} if isinstance(splits, str) else None
-    write_toy_store(root / "run" / "store", docs, questions, _tokenizer_backend(encoder), splits=split_map)
+    write_toy_store(root / "run" / "store", docs, questions, tokenizer_backend(encoder), splits=split_map)
     return cfg, overrides, encoder
 
 
@@ -74,6 +74,43 @@ def test_tiny_finetuning_lowers_infonce_and_raises_accuracy(tmp_path):
     assert loss_after < loss_before - 1.0, (loss_before, loss_after)
     assert after["top1_accuracy"] > before["top1_accuracy"] + 0.3, (before, after)
     assert after["top5_accuracy"] > before["top5_accuracy"] + 0.2, (before, after)
+
+
+def test_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformerTrainer
+
+    cfg, _, encoder = _setup(tmp_path, 12, splits="train")
+    pairs = T.make_pairs(T.training_examples(tmp_path / "run" / "store"), [[] for _ in range(36)])
+    kw = dict(lr=1e-3, epochs=2, batch_size=8, save_steps=3, progress=False)  # 5 steps per epoch
+    T.train_encoder(Encoder.from_config(cfg), pairs, out_dir=tmp_path / "clean", **kw)
+
+    real_step, calls = SentenceTransformerTrainer.training_step, []
+
+    def crash_at_step_5(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", crash_at_step_5)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        T.train_encoder(
+            Encoder.from_config(cfg), pairs, out_dir=tmp_path / "resumed", checkpoint_dir=ckpt, **kw
+        )
+    assert (ckpt / "checkpoint-3").is_dir() and not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", real_step)
+    stats = T.train_encoder(encoder, pairs, out_dir=tmp_path / "resumed", checkpoint_dir=ckpt, **kw)
+    assert stats["resumed_from"] == 3 and stats["steps"] == 10 and not ckpt.exists()
+    a = Encoder.load(str(tmp_path / "clean"), device="cpu")
+    b = Encoder.load(str(tmp_path / "resumed"), device="cpu")
+    assert a.fingerprint == b.fingerprint  # the resumed run ends with exactly the uninterrupted weights
+    # a run with other settings never resumes a foreign checkpoint
+    other = dict(kw, lr=5e-4)
+    stats = T.train_encoder(
+        Encoder.from_config(cfg), pairs, out_dir=tmp_path / "other", checkpoint_dir=ckpt, **other
+    )
+    assert stats["resumed_from"] is None
 
 
 def test_train_command_uses_train_split_only_and_reindexes(tmp_path, monkeypatch):
