@@ -1,0 +1,146 @@
+"""The machine a benchmark ran on, and process memory probes (current and peak resident set size).
+
+`machine_record()` is what `bench/results.json` stores under `machine`: CPU model and flags that matter
+for the kernels (AVX-512, bf16, AMX), logical and physical cores, RAM, library versions, the thread
+counts torch and faiss use, the date and the load average (the machine may be shared, so a high load
+at start explains slow absolutes; ratios are measured side by side and suffer less).
+
+Peak RSS: Linux keeps a per-process high-water mark (`VmHWM` in /proc/self/status) that writing `5`
+to /proc/self/clear_refs resets (Linux >= 4.0), so one process can measure the peak of each phase.
+Where that is unavailable, the peak since process start (`ru_maxrss`) is reported and flagged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import resource
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+
+_PACKAGES = ("torch", "faiss-cpu", "transformers", "sentence-transformers", "numpy", "peft", "accelerate")
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma")
+
+
+def cpu_model() -> str:
+    """The `model name` line of /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The kernel-relevant flags of the first CPU (AVX-512, bf16 dot products, AMX tiles)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_record() -> dict:
+    """Everything a reader needs to judge absolute numbers (see the module docstring)."""
+    import faiss
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
+    mem = psutil.virtual_memory()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "ram_gb": round(mem.total / 2**30, 1),
+        "ram_available_gb_at_start": round(mem.available / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in _PACKAGES},
+        "torch_threads": torch.get_num_threads(),
+        "thread_env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
+        "niceness": os.nice(0) if hasattr(os, "nice") else None,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "load_average_at_start": [round(x, 2) if x is not None else None for x in load],
+    }
+
+
+def load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last `reset_peak_rss()` (or since process start)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # ru_maxrss is in kB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`), so that the RSS
+    baseline of the next measurement does not include memory an earlier one freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakRSS:
+    """Context manager: peak and baseline RSS of a block (`peak_mb`, `before_mb`, `exact` = reset worked)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.before = rss_bytes()
+        self.exact = reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = max(peak_rss_bytes(), rss_bytes())
+
+    def as_dict(self) -> dict:
+        return {
+            "rss_before_mb": round(self.before / 2**20, 1),
+            "peak_rss_mb": round(self.peak / 2**20, 1),
+            "peak_over_before_mb": round((self.peak - self.before) / 2**20, 1),
+            "peak_is_per_phase": self.exact,
+        }

@@ -1,0 +1,281 @@
+"""Section 1, retrieval at scale: IVFFlat vs exact Flat on mixture vectors, plus compressed codecs.
+
+The IVFFlat measurement is `bench.retrieval_scale.retrieval_scale` (the retriever's benchmark); this
+module adds what the bench report needs on the same vectors and queries, in the same process:
+
+- compressed codecs (`bench.compression`, e.g. `IVF{nlist},SQ8`, `IVF{nlist},PQ48`) built on the
+  *same trained coarse quantizer* (its centroids are copied, so only the codec is trained), measured
+  for recall@10 against the same exact top-10 and for queries/s at every nprobe;
+- memory of every index (bytes per vector: codes + ids + centroids + codec tables);
+- the recommended nprobe: the smallest with recall@10 >= 0.95 (else the most accurate), and there the
+  recall and speedup over exact search that the goal is judged on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from bench.retrieval_scale import retrieval_scale
+from retriever.faiss_index import FaissIndex, expand_factory
+
+log = logging.getLogger(__name__)
+
+RECALL_GOAL = 0.95
+SPEEDUP_GOAL = 10.0
+IVF_FLAT = "IVF{nlist},Flat"
+GOAL = f"recall@10 >= {RECALL_GOAL} at >= {SPEEDUP_GOAL:g}x the exact-search throughput"
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Memory of a CPU faiss index: flat codes, or IVF lists (codes + int64 ids) + coarse centroids + codec.
+
+    Close to `len(faiss.serialize_index(index))` (tests check it) without copying a GB-sized index.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        flat = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap) else index)
+        extra = 8 * index.ntotal if isinstance(index, faiss.IndexIDMap) else 0
+        return int(flat.ntotal * flat.code_size + extra)
+    codes = ivf.invlists.compute_ntotal() * (ivf.code_size + 8)
+    centroids = ivf.nlist * ivf.d * 4
+    codec = 0
+    real = faiss.downcast_index(ivf)
+    if isinstance(real, faiss.IndexIVFPQ):
+        codec = real.pq.M * real.pq.ksub * real.pq.dsub * 4
+    elif isinstance(real, faiss.IndexIVFScalarQuantizer):
+        codec = faiss.vector_float_to_array(real.sq.trained).nbytes
+    return int(codes + centroids + codec)
+
+
+def recall_at(got: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean |got_i ∩ truth_i| / k over queries; got, truth: (q, k) int64 ids."""
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(got, truth)]))
+
+
+def _best_qps(index: FaissIndex, queries: np.ndarray, k: int, nprobe: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        index.search(queries, k, nprobe=nprobe)
+        best = min(best, time.perf_counter() - t0)
+    return len(queries) / best
+
+
+def compressed_variant(
+    trained: FaissIndex,
+    factory: str,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    nprobe_values,
+    k: int = 10,
+    repeats: int = 3,
+    train_size: int = 16384,
+    seed: int = 0,
+) -> dict:
+    """Build `factory` (e.g. `IVF{nlist},SQ8`) on the coarse centroids of `trained`; recall/qps per nprobe.
+
+    The codec trains on `train_size` vectors (64 per PQ centroid; faiss's k-means on 4-dim sub-vectors
+    is slow per point).
+    """
+    ivf = faiss.extract_index_ivf(trained.cpu_index)
+    nlist, dim = ivf.nlist, ivf.d
+    index = FaissIndex.create(expand_factory(factory, nlist), dim, use_gpu="false")
+    new_ivf = faiss.extract_index_ivf(index.cpu_index)
+    if new_ivf.nlist != nlist:
+        raise ValueError(
+            f"{factory} has {new_ivf.nlist} lists, the trained index {nlist}: use IVF{{nlist}},..."
+        )
+    # The same coarse quantizer: only the codec (SQ ranges, PQ codebooks) is trained below.
+    new_ivf.quantizer.add(ivf.quantizer.reconstruct_n(0, nlist))
+    real = faiss.downcast_index(new_ivf)
+    if isinstance(real, faiss.IndexIVFPQ):
+        # The factory turns on polysemous training (an annealing over code orders, used only by Hamming
+        # filtering, which this search does not do); it takes minutes for 96 sub-quantizers.
+        real.do_polysemous_training = False
+    rng = np.random.default_rng(seed)
+    sample = vectors[np.sort(rng.choice(len(vectors), size=min(len(vectors), train_size), replace=False))]
+    t0 = time.perf_counter()
+    index.train(sample)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = np.arange(len(vectors), dtype=np.int64)
+    for start in range(0, len(vectors), 65536):
+        index.add(vectors[start : start + 65536], ids[start : start + 65536])
+    t_add = time.perf_counter() - t0
+    rows = []
+    for nprobe in nprobe_values:
+        if nprobe > nlist:
+            continue
+        _, got = index.search(queries, k, nprobe=nprobe)
+        rows.append(
+            {
+                "nprobe": int(nprobe),
+                f"recall@{k}": round(recall_at(got, truth, k), 4),
+                "qps": round(_best_qps(index, queries, k, nprobe, repeats), 1),
+            }
+        )
+    size = index_bytes(index.cpu_index)
+    return {
+        "factory": index.factory,
+        "train_s": round(t_train, 2),
+        "add_s": round(t_add, 2),
+        "bytes": size,
+        "bytes_per_vector": round(size / len(vectors), 2),
+        "by_nprobe": rows,
+    }
+
+
+def _fitted_segments(cfg) -> int:
+    """How many real vectors `retrieval_scale` fits the mixture to (each folder gives at most fit_segments)."""
+    from retriever.embed import Embeddings
+
+    b = cfg.bench
+    dirs = b.fit_embeddings or [Path(cfg.run_dir) / "embeddings"]
+    return min(b.fit_segments, sum(min(Embeddings.open(Path(d)).n, b.fit_segments) for d in dirs))
+
+
+def recommend_nprobe(rows: list[dict], k: int = 10, goal: float = RECALL_GOAL) -> dict:
+    """The smallest nprobe reaching `goal` recall@k, else the most accurate one."""
+    good = [r for r in rows if r[f"recall@{k}"] >= goal]
+    if good:
+        return min(good, key=lambda r: r["nprobe"])
+    return max(rows, key=lambda r: (r[f"recall@{k}"], -r["nprobe"]))
+
+
+def run(cfg) -> dict:
+    """The section's numbers (JSON-ready); see the module docstring."""
+    b = cfg.bench
+    keep: dict = {}
+    t0 = time.perf_counter()
+    # Always IVFFlat here (what the goal is about), whatever index.factory the run uses; other codecs follow.
+    base = retrieval_scale(
+        cfg,
+        embeddings=b.fit_embeddings or None,
+        n_components=b.mixture_components or None,
+        factory=IVF_FLAT,
+        queries=b.retrieval_queries,
+        keep=keep,
+    )
+    k = base["k"]
+    index, truth, vectors, queries = keep["index"], keep["truth"], keep["vectors"], keep["queries"]
+    rows = base["ivf"]["by_nprobe"]
+    flat_bytes = int(len(vectors) * vectors.shape[1] * 4)
+    ivf_bytes = index_bytes(index.cpu_index)
+    best = recommend_nprobe(rows, k)
+    exact_qps = base["exact"]["qps"]
+    for row in rows:
+        row["speedup_vs_flat"] = round(row["qps"] / exact_qps, 2)
+    variants = []
+    for factory in b.compression:
+        log.info("compressed codec %s on the same coarse quantizer", factory)
+        v = compressed_variant(
+            index,
+            factory,
+            vectors,
+            queries,
+            truth,
+            b.nprobe_values,
+            k,
+            repeats=min(3, b.repeats),
+            seed=cfg.seed,
+        )
+        for row in v["by_nprobe"]:
+            row["speedup_vs_flat"] = round(row["qps"] / exact_qps, 2)
+        variants.append(v)
+    recall = best[f"recall@{k}"]
+    speedup = best["speedup_vs_flat"]
+    return {
+        "goal": GOAL,
+        "met": bool(recall >= RECALL_GOAL and speedup >= SPEEDUP_GOAL),
+        "recommended_nprobe": best["nprobe"],
+        "ivf_recall_at_10": recall,
+        "ivf_speedup_vs_flat": speedup,
+        "ivf_qps": best["qps"],
+        "flat_qps": exact_qps,
+        "build_s": round(base["ivf"]["train_s"] + base["ivf"]["add_s"], 2),
+        "memory": {
+            "flat_bytes_per_vector": round(flat_bytes / len(vectors), 2),
+            "ivfflat_bytes_per_vector": round(ivf_bytes / len(vectors), 2),
+            "ivfflat_bytes": ivf_bytes,
+        },
+        "compressed": variants,
+        "fit_segments_wanted": b.fit_segments,
+        "fitted_segments": _fitted_segments(cfg),
+        "scale": base,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def to_markdown(r: dict) -> str:
+    s = r["scale"]
+    k = s["k"]
+    ivf = s["ivf"]
+    mem = ivf["build_memory"]
+    lines = [
+        f"{s['n_vectors']:,} × {s['dim']} vectors: {s['vectors']} ({'; '.join(s['fit_sources'])}). "
+        f"{s['n_queries']} held-out queries ({s['queries']}); recall@{k} is measured against exact Flat "
+        f"search on the same vectors; queries/s is one batch of all queries (best of the repeats); "
+        f"{s['faiss_threads']} faiss threads.",
+        "",
+    ]
+    fitted = r.get("fitted_segments")
+    if fitted is not None and fitted < r["fit_segments_wanted"]:
+        lines += [
+            f"The mixture is fitted to {fitted:,} encoded segments, fewer than bench.fit_segments="
+            f"{r['fit_segments_wanted']:,}: that is all the run has; give more with "
+            "`bench.fit_embeddings=[DIR,...]` (embedding folders of larger runs).",
+            "",
+        ]
+    lines += [
+        f"IVFFlat build ({ivf['factory']}): k-means on {ivf['train_vectors']:,} vectors {ivf['train_s']} s + "
+        f"adding {s['n_vectors']:,} vectors {ivf['add_s']} s = **{r['build_s']} s**; peak RSS during the "
+        f"build {mem['peak_rss_mb']:,} MB ({mem['peak_over_before_mb']:,} MB above the "
+        f"{mem['rss_before_mb']:,} MB already resident: the vectors and the exact index)"
+        + (
+            ""
+            if mem["peak_is_per_phase"]
+            else " (peak since process start: the kernel mark could not be reset)"
+        )
+        + ".",
+        "",
+        f"| index | nprobe | recall@{k} vs exact | queries/s (batch) | speedup vs Flat | ms/query (single) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| Flat (exact) | – | 1.000 | {s['exact']['qps']:,} | 1.0 | {s['exact']['ms_per_query_single']} |",
+    ]
+    for row in ivf["by_nprobe"]:
+        mark = " **(recommended)**" if row["nprobe"] == r["recommended_nprobe"] else ""
+        lines.append(
+            f"| {ivf['factory']} | {row['nprobe']}{mark} | {row[f'recall@{k}']:.3f} | {row['qps']:,} | "
+            f"{row['speedup_vs_flat']} | {row['ms_per_query_single']} |"
+        )
+    lines += [
+        "",
+        "Memory vs recall (compressed codecs on the same coarse quantizer; bytes per vector include the "
+        "int64 id and each vector's share of the centroids and codec tables):",
+        "",
+        f"| index | bytes/vector | recall@{k} at nprobe " + " / ".join(str(n) for n in _nprobes(r)) + " | "
+        f"queries/s at nprobe {r['recommended_nprobe']} |",
+        "| --- | --- | --- | --- |",
+        f"| Flat (exact) | {r['memory']['flat_bytes_per_vector']} | 1.000 | {s['exact']['qps']:,} |",
+        f"| {ivf['factory']} | {r['memory']['ivfflat_bytes_per_vector']} | "
+        + " / ".join(f"{row[f'recall@{k}']:.3f}" for row in ivf["by_nprobe"])
+        + f" | {r['ivf_qps']:,} |",
+    ]
+    for v in r["compressed"]:
+        at = {row["nprobe"]: row for row in v["by_nprobe"]}
+        qps = at.get(r["recommended_nprobe"], {}).get("qps")
+        recalls = " / ".join(f"{row[f'recall@{k}']:.3f}" for row in v["by_nprobe"])
+        lines.append(
+            f"| {v['factory']} | {v['bytes_per_vector']} | {recalls} | {'–' if qps is None else f'{qps:,}'} |"
+        )
+    return "\n".join(lines)
+
+
+def _nprobes(r: dict) -> list[int]:
+    return [row["nprobe"] for row in r["scale"]["ivf"]["by_nprobe"]]

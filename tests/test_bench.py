@@ -1,0 +1,302 @@
+"""bench/: every section end to end on a tiny run (tiny random LM and encoder), plus the pieces whose
+numbers the report relies on: index memory, shared coarse quantizer, FLOP counting, forced answer
+length, peak-memory probes, and the runner's files."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from bench import encoding, qa_latency, retrieval, size, training
+from bench.machine import PeakRSS, machine_record
+from bench.retrieval_scale import measure
+from configs.loader import save_config
+from retriever.faiss_index import FaissIndex
+from tests.tiny_run import make_tiny_run
+
+
+def _clustered(n=3000, d=16, centers=8, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d)).astype(np.float32) * 3
+    x = c[rng.integers(centers, size=n)] + rng.standard_normal((n, d)).astype(np.float32) * 0.5
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_tokenizer):
+    root = tmp_path_factory.mktemp("bench")
+    cfg = make_tiny_run(
+        root,
+        smol_tokenizer,
+        overrides=(
+            f"bench.work_dir={root / 'work'}",
+            f"bench.out_dir={root / 'out'}",
+            "bench.n_vectors=3000",
+            "bench.n_queries=40",
+            "bench.repeats=1",
+            "bench.nprobe_values=[1,4,64]",
+            "bench.mixture_components=4",
+            "bench.encode_segments=4",
+            "bench.encode_tokens=32",
+            "bench.encode_batch_size=2",
+            "bench.matmul_size=64",
+            "bench.qa_questions=2",
+            "bench.qa_warmup=1",
+            "bench.qa_answer_tokens=3",
+            "bench.qa_k_values=[1,2]",
+            "bench.train_systems=[dynamic_prefix@p2,dynamic_prefix@pfull,rag_text_tuned]",
+            "bench.train_steps=1",
+            "bench.train_warmup=1",
+            "bench.train_segment_tokens=64",
+        ),
+    )
+    # Factory strings hold commas, so a list of them is given in YAML or, as here, in code.
+    cfg.bench.compression = ["IVF{nlist},SQ8", "IVF{nlist},PQ8"]
+    return cfg
+
+
+def test_machine_record_and_peak_memory():
+    m = machine_record()
+    for key in (
+        "cpu_model",
+        "logical_cores",
+        "physical_cores",
+        "ram_gb",
+        "versions",
+        "date",
+        "load_average_at_start",
+    ):
+        assert key in m
+    assert m["versions"]["torch"] and m["versions"]["faiss-cpu"]
+    with PeakRSS() as mem:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+        del block
+    d = mem.as_dict()
+    assert d["peak_rss_mb"] >= d["rss_before_mb"]
+    if d["peak_is_per_phase"]:
+        assert d["peak_over_before_mb"] > 50
+
+
+def test_index_bytes_matches_serialized_size():
+    x = _clustered(n=1200)
+    for factory in ("Flat", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ4"):
+        index = FaissIndex.create(factory, 16, use_gpu="false")
+        ivf = faiss.try_extract_index_ivf(index.cpu_index)
+        if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+            faiss.downcast_index(ivf).do_polysemous_training = False  # slow, and irrelevant to sizes
+        index.train(x)
+        index.add(x, np.arange(len(x)))
+        real = len(faiss.serialize_index(index.cpu_index))
+        assert abs(retrieval.index_bytes(index.cpu_index) - real) < 0.02 * real + 2048, factory
+
+
+def test_compressed_codec_reuses_the_coarse_quantizer_and_recommendation():
+    x, q = _clustered(n=4000), _clustered(n=60, seed=3)
+    keep: dict = {}
+    measure(x, q, nlist=16, nprobe_values=(1, 4, 16), repeats=1, single_queries=5, keep=keep)
+    v = retrieval.compressed_variant(keep["index"], "IVF{nlist},SQ8", x, q, keep["truth"], (1, 16), repeats=1)
+    assert v["factory"] == "IVF16,SQ8" and v["bytes_per_vector"] < 0.5 * 16 * 4 + 8 + 16
+    # all lists probed: only the 8-bit codes separate it from exact search
+    assert v["by_nprobe"][-1]["recall@10"] > 0.8
+    rows = [
+        {"nprobe": 1, "recall@10": 0.5},
+        {"nprobe": 4, "recall@10": 0.96},
+        {"nprobe": 16, "recall@10": 0.99},
+    ]
+    assert retrieval.recommend_nprobe(rows)["nprobe"] == 4
+    assert retrieval.recommend_nprobe(rows[:1])["nprobe"] == 1  # goal out of reach: the most accurate
+
+
+def test_encoder_flop_count_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            attn_implementation="eager",
+        )
+    ).eval()
+    ids = torch.randint(5, 100, (3, 48))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    counted = counter.get_total_flops() / 3
+    ours = encoding.encoder_flops_per_sequence(model, 48)
+    assert abs(ours - counted) / counted < 0.02
+
+
+def test_fixed_length_inputs_are_full_windows(smol_tokenizer, tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.retriever.model)
+    ids = encoding.fixed_length_inputs(tok, ["capital of kalo", "river vo"], rows=3, tokens=12)
+    assert ids.shape == (3, 12)
+    assert (ids[:, 0] == tok.cls_token_id).all() and (ids[:, -1] == tok.sep_token_id).all()
+    assert encoding.matmul_peak_flops(torch.float32, 64, repeats=1) > 0
+
+
+def test_retrieval_section(tiny):
+    r = retrieval.run(tiny)
+    assert r["scale"]["n_vectors"] == 3000 and r["scale"]["queries"] == "mixture samples"
+    assert r["recommended_nprobe"] in (1, 4, 64)
+    assert 0 <= r["ivf_recall_at_10"] <= 1 and r["ivf_speedup_vs_flat"] > 0
+    assert isinstance(r["met"], bool)
+    assert [v["factory"].split(",")[1] for v in r["compressed"]] == ["SQ8", "PQ8"]
+    assert r["memory"]["ivfflat_bytes_per_vector"] > r["compressed"][0]["bytes_per_vector"]
+    assert r["scale"]["ivf"]["build_memory"]["peak_rss_mb"] > 0
+    assert r["fitted_segments"] < r["fit_segments_wanted"]  # the tiny run has a few dozen segments
+    md = retrieval.to_markdown(r)
+    assert "recommended" in md and "fewer than bench.fit_segments" in md
+
+
+def test_encoding_section(tiny):
+    r = encoding.run(tiny)
+    assert set(r) >= {"fp32", "bf16", "fraction_of_peak", "met"}
+    for key in ("fp32", "bf16"):
+        assert r[key]["segments_per_s"] > 0 and r[key]["fraction_of_peak"] > 0
+    assert r["fraction_of_peak"] == r[r["better_dtype"]]["fraction_of_peak"]
+    assert "| float32" in encoding.to_markdown(r)
+
+
+@pytest.fixture(scope="module")
+def latency(tiny):
+    return qa_latency.run(tiny, progress=False)
+
+
+def test_qa_latency_section_forces_equal_answers_and_reuses_the_prefix_store(tiny, latency):
+    r = latency
+    for k in (1, 2):
+        e = r[f"k{k}"]
+        assert set(e["systems"]) == {"rag_text", "dynamic_prefix (online)", "dynamic_prefix (precomputed)"}
+        assert e["dynamic_over_rag"] > 0 and e["dynamic_online_over_rag"] > 0
+        # text RAG reads the segments in its prompt; the dynamic prefix does not
+        assert (
+            e["systems"]["rag_text"]["prompt_tokens"]
+            > e["systems"]["dynamic_prefix (online)"]["prompt_tokens"]
+        )
+        assert (
+            e["systems"]["dynamic_prefix (precomputed)"]["prefix_slots"]
+            == e["systems"]["dynamic_prefix (online)"]["prefix_slots"]
+            > 0
+        )
+    assert r["closed_book"]["ttft_ms"]["mean"] <= r["closed_book"]["total_ms"]["mean"]
+    assert r["prefix_store"]["segments"] >= 2
+    assert r["goal_k"] == 2 and r["met"] is False  # the goal is judged at k = 5 only
+    again = qa_latency.run(tiny, progress=False)
+    assert again["prefix_store"]["precompute"]["dynamic_prefix"].get("skipped") is True
+    assert "(precomputed)" in qa_latency.to_markdown(r)
+
+
+def test_precomputed_prefix_equals_online_prefix(tiny, latency):
+    """The precomputed path must hand the LM the same prefix as the online path (store dtype aside)."""
+    from bench.common import load_lm_template
+    from data_prep.store import SegmentStore
+    from knowledge_encoder.backbones import build_backbone
+    from knowledge_encoder.precompute import encoder_sha256, prefix_dir
+    from knowledge_encoder.prefix_store import PrefixStore
+    from qa.batching import Batcher, Example
+    from qa.checkpoint import new_model
+    from qa.prompting import TextSegment
+    from qa.system import QASystem
+    from qa.systems import parse_system
+
+    r = latency  # the section built the prefix store for its questions
+    lm, tok, template = load_lm_template(tiny)
+    system = parse_system("dynamic_prefix")
+    torch.manual_seed(tiny.seed)
+    model = new_model(system, tiny, lm, template, None).eval().requires_grad_(False)
+    work = qa_latency.bench_cfg(tiny).run_dir
+    sub = SegmentStore.open(f"{work}/store")
+    store = PrefixStore.open(
+        prefix_dir(work, "dynamic_prefix"),
+        encoder_sha256(f"{work}/checkpoints/final", "dynamic_prefix"),
+        sub.fingerprint,
+    )
+    seg = sub.get(0)
+    example = [Example("Who leads it?", [TextSegment(seg.title, seg.text)], [0])]
+    kcfg = tiny.knowledge_encoder
+    backbone = build_backbone(
+        kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers, tiny.retriever.model, "cpu"
+    )
+    qa = QASystem(tiny, lm, tok, None, {"dynamic_prefix": model}, {"dynamic_prefix": "dynamic_prefix"})
+    online = qa._prefix(
+        system,
+        model,
+        Batcher(template, qa_latency.FreshFeatures(backbone), "cpu").build(example, system, False),
+        example,
+    )
+    qa.prefix_stores["dynamic_prefix"] = store
+    stored = qa._prefix(
+        system,
+        model,
+        Batcher(template, qa_latency.NoFeatures(), "cpu").build(example, system, False),
+        example,
+    )
+    assert online.length == stored.length
+    for a, b in zip(online.keys + online.values, stored.keys + stored.values):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    assert r["prefix_store"]["segments"] == len(sub)
+
+
+def test_training_section(tiny):
+    r = training.run(tiny)
+    assert set(r["systems"]) == {"dynamic_prefix@p2", "dynamic_prefix@pfull", "rag_text_tuned"}
+    assert 50 <= r["segment_tokens_mean"] <= 64
+    p2, full = r["systems"]["dynamic_prefix@p2"], r["systems"]["dynamic_prefix@pfull"]
+    assert p2["teacher_pass"] and not full["teacher_pass"]
+    assert full["prefix_slots"] > p2["prefix_slots"]  # P = n reads every segment token
+    for d in r["systems"].values():
+        assert d["examples_per_s"] > 0 and d["memory"]["peak_rss_mb"] > 0
+    assert "| rag_text_tuned |" in training.to_markdown(r)
+
+
+def test_long_segment_fits_the_budget(tiny):
+    from bench.common import load_lm_template
+    from data_prep.store import SegmentStore
+
+    _, _, template = load_lm_template(tiny)
+    store = SegmentStore.open(f"{tiny.run_dir}/store")
+    seg = training.long_segment(store, template, 0, 64)
+    n = len(template.segment_ids(seg, 10**9))
+    assert 50 <= n <= 64 and seg.title == store.get(0).title
+
+
+def test_runner_writes_results_and_labels_a_development_run(tiny, tmp_path):
+    from bench.run import main
+
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny, config)
+    out = tmp_path / "out"
+    # size runs in a subprocess (the default), encoding inline: both paths of the runner
+    assert main(["--config", str(config), "--sections", "size", f"bench.out_dir={out}"]) == 0
+    assert main(["--config", str(config), "--sections", "encoding", "--inline", f"bench.out_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("machine", "retrieval", "encoding", "qa_latency", "training", "size"):
+        assert key in results
+    assert results["size"]["command"].endswith(f"--sections size bench.out_dir={out}")
+    assert results["encoding"]["fraction_of_peak"] > 0
+    assert results["size"]["index"]["bytes_per_segment"] > 0  # the first run's section was kept
+    assert results["development_run"] is True and "n_vectors" in results["reduced_sizes"]
+    md = (out / "RESULTS.md").read_text()
+    assert "SMALL DEVELOPMENT RUN" in md and "## 5. Size" in md and "## 2. Encoding throughput" in md
+    assert "Not run." in md  # retrieval, qa_latency, training
+
+
+def test_size_section_matches_the_files(tiny):
+    from pathlib import Path
+
+    r = size.run(tiny)
+    index_file = Path(tiny.run_dir) / "index" / "index.faiss"
+    assert r["index"]["bytes"] == index_file.stat().st_size
+    computed = r["prefix_store_computed"]
+    # tiny LM: 2 layers, 2 KV heads, head_dim 24, float16
+    assert computed["bytes_per_segment"]["P=10"] == 2 * 2 * 2 * 10 * 24 * 2 + 10 + 8
+    assert "| faiss index |" in size.to_markdown(r)
