@@ -47,6 +47,8 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a command's main(); a UserError becomes one clear line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # faiss announces which SIMD build it loaded at INFO on every import; users need none of it.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         code = main(argv)
     except UserError as e:

@@ -27,6 +27,14 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _scalar(text: str) -> Any:
+    """A comma-list item as YAML reads it (`3` -> 3, `0.5` -> 0.5), the text itself when YAML cannot."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against type `tp`, with the few conversions YAML and the command line need."""
     origin = typing.get_origin(tp)
@@ -45,7 +53,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is list:
         (item_tp,) = args
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # `eval.k_values=1,3` from the command line: each item is read as a YAML scalar.
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            value = items if item_tp is str else [_scalar(v) for v in items]
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):

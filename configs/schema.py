@@ -87,6 +87,7 @@ class RetrieverFinetuneConfig:
     eval_limit: int = opt(2000, "questions of the evaluation split used for before/after metrics")
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = the epochs decide)")
     loss_pairs: int = opt(128, "training pairs on which the InfoNCE loss is measured before and after")
+    save_steps: int = opt(50, "steps between resumable checkpoints in run_dir/retriever_checkpoints (0 = none)")
 
 
 @dataclass
@@ -177,6 +178,7 @@ class TrainConfig:
     retriever_lr: float = opt(1e-5, "learning rate of the retriever when joint_retriever is on")
     eval_every: int = opt(100, "steps between dev evaluations (0 = only at the end)")
     dev_limit: int = opt(100, "dev questions per evaluation")
+    dev_force_gold: bool = opt(False, "dev evaluation with the gold segment forced in (measures reading, not retrieval)")
     save_every: int = opt(100, "steps between checkpoints (0 = only final)")
     log_every: int = opt(10, "steps between log lines")
     max_train_questions: int = opt(0, "cap on training questions (0 = all)")
@@ -201,6 +203,8 @@ class EvalConfig:
     bleurt_max_length: int = opt(512, "BLEURT input cap in tokens for reference + candidate (BLEURT-20: 512)")
     out_dir: str | None = opt(None, "where eval.run writes predictions.jsonl, metrics.json, report.md and plots "
                               "(null = run_dir/eval)")
+    threads: int = opt(0, "torch CPU threads while evaluating (0 = torch's default); on a shared CPU, 1 avoids "
+                       "oversubscription that inflates latency many times over")
     resume: bool = opt(True, "reuse predictions already in predictions.jsonl that were made with the same setup "
                        "(LM, checkpoint, index, store, batch size); false = recompute the evaluated systems")
 
@@ -226,6 +230,35 @@ class BenchConfig:
     fit_segments: int = opt(20_000, "real segments encoded to fit the Gaussian mixture")
     nprobe_values: list[int] = opt([1, 4, 16, 64], "nprobe values measured")
     repeats: int = opt(5, "repetitions of each latency measurement")
+    sections: list[str] = opt(["retrieval", "encoding", "qa_latency", "training", "size"],
+                              "benchmark sections `make bench` runs (comma list)")
+    work_dir: str = opt("runs/bench", "bench-owned artifacts: an untrained checkpoint, a subset store, its prefix "
+                        "store, finished sections (for --resume)")
+    out_dir: str = opt("bench", "where RESULTS.md and results.json are written")
+    retrieval_queries: str = opt("mixture", "queries of the retrieval benchmark: held-out `mixture` samples, real "
+                                 "encoded `questions`, or `auto` (questions when the run has them)",
+                                 choices=("mixture", "questions", "auto"))
+    mixture_components: int = opt(0, "Gaussian components fitted to the real embeddings (0 = one per 40 vectors)")
+    fit_embeddings: list[str] = opt([], "embedding folders the mixture is fitted to (empty = run_dir/embeddings)")
+    compression: list[str] = opt(["IVF{nlist},SQ8", "IVF{nlist},PQ96", "IVF{nlist},PQ48"],
+                                 "compressed IVF codecs compared with IVFFlat on the same coarse quantizer")
+    encode_segments: int = opt(96, "segments encoded per dtype in the encoding-throughput benchmark")
+    encode_tokens: int = opt(288, "tokens per encoded segment ([CLS] and [SEP] included)")
+    encode_batch_size: int = opt(16, "segments per encoder forward pass")
+    encode_dtypes: list[str] = opt(["float32", "bfloat16"], "encoder dtypes compared (bf16 = bf16 weights)")
+    matmul_size: int = opt(4096, "n of the n x n matmul that measures this machine's peak FLOP/s")
+    qa_questions: int = opt(24, "timed questions per system and k in the QA-latency benchmark")
+    qa_warmup: int = opt(2, "untimed warm-up batches per system and k")
+    qa_batch_size: int = opt(1, "questions per generation batch (the same for every system)")
+    qa_answer_tokens: int = opt(16, "forced answer length in tokens (no stop token) for every system")
+    qa_k_values: list[int] = opt([1, 3, 5], "retrieved segments per question")
+    qa_systems: list[str] = opt(["closed_book", "rag_text", "dynamic_prefix"],
+                                "systems timed; dynamic ones online and from a prefix store")
+    train_systems: list[str] = opt(["dynamic_prefix@p10", "dynamic_prefix@p32", "dynamic_prefix@pfull",
+                                    "rag_text_tuned"], "systems whose qa.train step is timed")
+    train_steps: int = opt(4, "timed training steps per system")
+    train_warmup: int = opt(1, "untimed warm-up steps per system")
+    train_segment_tokens: int = opt(288, "LM tokens per segment in the training benchmark (built from store text)")
 
 
 @dataclass
