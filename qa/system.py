@@ -91,7 +91,8 @@ class QASystem:
         if trained:
             directory = default_checkpoint(cfg)
             held = list(read_manifest(directory)["systems"])
-            wanted = {str(s): checkpoint_name(s, held) for s in trained}
+            # Keyed without the ablation: `dynamic_prefix~random` reads dynamic_prefix's weights (model_for).
+            wanted = {str(SystemName(s.base, s.tag)): checkpoint_name(s, held) for s in trained}
             feature_dims = {"lm_kv": None, "lm_layers": lm.config.hidden_size}
             models = load_models(directory, sorted(set(wanted.values())), lm, feature_dims, cfg.lm.model)
             model_names = wanted

@@ -123,7 +123,9 @@ class Trainer:
             k = 0
         stats = ExampleStats()
         self.train_examples = make_examples(train_qa, train_hits, k, self.store, cfg.train.force_gold and k > 0, stats)
-        self.dev_examples = sample_dev(make_examples(dev_qa, dev_hits, k), cfg.train.dev_limit, cfg.seed)
+        dev_gold = cfg.train.dev_force_gold and k > 0
+        self.dev_examples = sample_dev(make_examples(dev_qa, dev_hits, k, self.store, dev_gold), cfg.train.dev_limit,
+                                       cfg.seed)
         self.data_stats = {"train_questions": len(train_qa), "train_examples": stats.total,
                            "gold_forced": stats.gold_forced, "skipped_no_gold": stats.skipped_no_gold,
                            "dev_examples": len(self.dev_examples), "top_k": k}
