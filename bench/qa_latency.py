@@ -138,8 +138,7 @@ def _time_variant(qa, batcher: Batcher, variant: Variant, examples: list[Example
 
     with torch.no_grad(), autocast(cfg):
         t0 = time.perf_counter()
-        batch = batcher.build(examples, system, with_labels=False)
-        prefix = qa._prefix(system, model, batch, examples)  # the serving path: store read or encoder
+        batch, prefix = qa.prepare(system, model, examples, batcher)  # the serving path: store read or encoder
         t1 = time.perf_counter()
         out = greedy_generate(
             qa.lm, batch.input_ids, batch.attention_mask, prefix, stop, n_tokens, on_token=on_token

@@ -104,7 +104,9 @@ class Batcher:
         self.cache = cache
         self.device = device
 
-    def build(self, examples: Sequence[Example], system: SystemName, with_labels: bool) -> QABatch:
+    def build(self, examples: Sequence[Example], system: SystemName, with_labels: bool,
+              with_features: bool = True) -> QABatch:
+        """`with_features=False` skips the frozen backbone (the caller has the prefix from a prefix store)."""
         rows, label_rows = [], []
         for ex in examples:
             prompt = self.template.prompt_ids(ex.question, ex.segments if system.kind.text else ())
@@ -124,5 +126,6 @@ class Batcher:
             k = len(examples[0].segments)
             if any(len(ex.segments) != k for ex in examples):
                 raise ValueError("every question of a batch needs the same number of segments")
-            features = self.cache.get([s for ex in examples for s in ex.segments], self.device)
+            if with_features:
+                features = self.cache.get([s for ex in examples for s in ex.segments], self.device)
         return QABatch(input_ids=ids, attention_mask=mask, labels=labels, features=features, k=k)

@@ -26,7 +26,7 @@ from knowledge_encoder.prefix import Prefix
 from qa.batching import Batcher, Example, FeatureCache
 from qa.checkpoint import load_models, read_manifest
 from qa.generate import StopTokens, greedy_generate
-from qa.model import PrefixQAModel
+from qa.model import PrefixQAModel, QABatch
 from qa.prompting import PromptTemplate, TextSegment
 from qa.systems import SystemName, parse_system
 
@@ -150,20 +150,33 @@ class QASystem:
             raise UserError("this mode needs a retriever: build the index first (`python -m retriever.index`)")
         return self.retriever.batch_search(list(questions), k)
 
-    def _prefix(self, system: SystemName, model: PrefixQAModel | None, batch, examples) -> Prefix | None:
-        if model is None:
+    def _stored_prefix(self, system: SystemName, model: PrefixQAModel | None, examples) -> Prefix | None:
+        """The prefix assembled from the precomputed store, or None when the store is absent or lacks a segment."""
+        if model is None or model.encoder is None:
             return None
         store = self.prefix_stores.get(self.model_names.get(str(SystemName(system.base, system.tag)), ""))
-        if store is not None and model.encoder is not None and all(i is not None for e in examples for i in e.segment_ids):
-            ids = [i for e in examples for i in e.segment_ids]
-            segments = store.get(ids, self.device)
-            if segments is not None:
-                segs = Prefix.group_segments(segments, batch.k)
-                parts = [model.encoder.format_prefix(segs.batch_size), segs]
-                if model.static is not None:
-                    parts.insert(0, model.static(segs.batch_size))
-                return Prefix.concat(parts)
-        return model.prefix(batch)
+        ids = [i for e in examples for i in e.segment_ids]
+        if store is None or not ids or any(i is None for i in ids):
+            return None
+        segments = store.get(ids, self.device)
+        if segments is None:
+            return None
+        segs = Prefix.group_segments(segments, len(examples[0].segment_ids))
+        parts = [model.encoder.format_prefix(segs.batch_size), segs]
+        if model.static is not None:
+            parts.insert(0, model.static(segs.batch_size))
+        return Prefix.concat(parts)
+
+    def prepare(self, system: SystemName, model: PrefixQAModel | None, examples: Sequence[Example],
+                batcher: Batcher | None = None) -> tuple[QABatch, Prefix | None]:
+        """The batch and the prefix the LM reads: from the prefix store when it holds every segment (the
+        encoder's backbone never runs then), else the encoder over the segments' features."""
+        prefix = self._stored_prefix(system, model, examples)
+        batch = (batcher or self._batcher(model)).build(examples, system, with_labels=False,
+                                                         with_features=prefix is None)
+        if prefix is None and model is not None:
+            prefix = model.prefix(batch)
+        return batch, prefix
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], mode: str | None = None, top_k: int | None = None,
@@ -191,8 +204,7 @@ class QASystem:
                 Example(q, [TextSegment(h.title, h.text) for h in hs], [h.segment_id for h in hs])
                 for q, hs in zip(chunk, chunk_hits)
             ]
-            batch = self._batcher(model).build(examples, system, with_labels=False)
-            prefix = self._prefix(system, model, batch, examples)
+            batch, prefix = self.prepare(system, model, examples)
             t2 = time.perf_counter()
             stream = None if on_token is None else _Streamer(self.tokenizer, on_token, start, len(chunk))
             generated = greedy_generate(self.lm, batch.input_ids, batch.attention_mask, prefix, self.stop,

@@ -227,19 +227,9 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
         kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers, tiny.retriever.model, "cpu"
     )
     qa = QASystem(tiny, lm, tok, None, {"dynamic_prefix": model}, {"dynamic_prefix": "dynamic_prefix"})
-    online = qa._prefix(
-        system,
-        model,
-        Batcher(template, qa_latency.FreshFeatures(backbone), "cpu").build(example, system, False),
-        example,
-    )
+    _, online = qa.prepare(system, model, example, Batcher(template, qa_latency.FreshFeatures(backbone), "cpu"))
     qa.prefix_stores["dynamic_prefix"] = store
-    stored = qa._prefix(
-        system,
-        model,
-        Batcher(template, qa_latency.NoFeatures(), "cpu").build(example, system, False),
-        example,
-    )
+    _, stored = qa.prepare(system, model, example, Batcher(template, qa_latency.NoFeatures(), "cpu"))
     assert online.length == stored.length
     for a, b in zip(online.keys + online.values, stored.keys + stored.values):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

@@ -121,3 +121,32 @@ def test_accelerate_launch_two_cpu_processes(tiny_cfg, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((run_dir / "checkpoints" / "final" / "manifest.json").read_text())
     assert manifest["step"] == 3 and set(manifest["systems"]) == {"dynamic_prefix@p2", "static_prefix"}
+
+
+def test_prefix_store_serving_skips_the_backbone_and_answers_alike(tiny_cfg, tmp_path, monkeypatch):
+    """Regression: answering from a prefix store still ran the frozen backbone over every segment."""
+    from knowledge_encoder.precompute import main as precompute_main
+    from qa.batching import FeatureCache
+    from qa.system import QASystem
+
+    run_dir = share_run_data(tiny_cfg, tmp_path / "served")
+    run_train(tiny_cfg, f"run_dir={run_dir}", "train.systems=dynamic_prefix@p2", "train.max_steps=2",
+              "train.max_train_questions=4")
+    overrides = [f"run_dir={run_dir}", f"lm.model={tiny_cfg.lm.model}", f"retriever.model={tiny_cfg.retriever.model}",
+                 "index.factory=Flat", "knowledge_encoder.max_segment_tokens=96", "knowledge_encoder.format_slots=2",
+                 "lm.max_new_tokens=4", "data.synthetic.n_entities=30", "qa.mode=dynamic_prefix@p2"]
+    cfg = load_config(None, overrides)
+    questions = ["Who founded it?", "Where was it born?", "When?"]
+    online = [p.prediction for p in QASystem.from_config(cfg).answer(questions)]
+
+    precompute_main(overrides)
+    served = QASystem.from_config(cfg)
+    assert "dynamic_prefix@p2" in served.prefix_stores
+
+    def no_backbone(*_args, **_kwargs):
+        raise AssertionError("the backbone ran although the prefix store holds every segment")
+
+    monkeypatch.setattr(FeatureCache, "get", no_backbone)
+    predictions = served.answer(questions)
+    assert [p.prediction for p in predictions] == online
+    assert all(p.prefix_slots > 0 for p in predictions)
