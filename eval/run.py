@@ -1,7 +1,9 @@
 """Evaluate systems side by side: `python -m eval.run --config C [eval.systems=...] [eval.limit=N]`.
 
 Questions: the segment store's QA examples of `data.split` (run_dir/store/qa.jsonl; default `test`, the
-split that no training command reads), in file order, the first `eval.limit` of them. Every system of
+split that no training command reads), `eval.limit` of them (null = all): with `eval.sample=first` (the
+default) the first N in file order, with `eval.sample=random` a random sample of N seeded by `seed`, the
+same for every system and every rerun (a larger N keeps a smaller one's questions). Every system of
 `eval.systems` answers the same questions with the same frozen LM and the same retriever, reading
 `retriever.top_k` segments; `eval.k_values` adds a sweep over k for the systems that retrieve. The
 systems: closed_book, rag_text (no checkpoint), rag_text_tuned, static_prefix, dynamic_prefix, combine
@@ -25,6 +27,7 @@ Outputs, in `eval.out_dir` (default run_dir/eval):
 
 examples:
   python -m eval.run --config configs/default.yaml eval.limit=50
+  python -m eval.run --config configs/default.yaml eval.limit=200 eval.sample=random seed=1
   python -m eval.run -c configs/default.yaml eval.systems=closed_book,rag_text eval.k_values=1,2,4
   python -m eval.run -c configs/default.yaml eval.systems=dynamic_prefix,dynamic_prefix~random
 """

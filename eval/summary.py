@@ -218,6 +218,7 @@ def run_config(
         "store_fingerprint": store.fingerprint,
         "split": cfg.data.split,
         "limit": cfg.eval.limit,
+        "sample": cfg.eval.sample,
         "seed": cfg.seed,
         "top_k": cfg.retriever.top_k,
         "k_values": list(sweep),
