@@ -189,7 +189,10 @@ class TrainConfig:
 class EvalConfig:
     systems: list[str] = opt(["closed_book", "rag_text", "rag_text_tuned", "static_prefix", "dynamic_prefix"],
                              "systems evaluated side by side (comma list)")
-    limit: int | None = opt(None, "evaluate the first N questions of the split (null = all)")
+    limit: int | None = opt(None, "evaluate N questions of the split (null = all); which ones: eval.sample")
+    sample: str = opt("first", "which eval.limit questions: `first` = the first N in file order; `random` = a "
+                      "seeded (seed) random sample of N questions, the same for every system and every rerun",
+                      choices=("first", "random"))
     k_values: list[int] = opt([], "optional sweep of retriever.top_k for the EM-vs-k and latency-vs-k plots")
     batch_size: int = opt(8, "questions per generation batch")
     bertscore_model: str = opt("embedded:minilm-l6", "BERTScore backbone: hub id, local path or embedded name")

@@ -239,7 +239,12 @@ def _setup_lines(m: dict) -> list[str]:
     c = m["config"]
     index = c.get("index")
     lines = [
-        f"- **{m['n']} questions** of split `{m['split']}` (the first {c['limit']} of the split)"
+        f"- **{m['n']} questions** of split `{m['split']}` ("
+        + (
+            f"a random sample of {c['limit']}, seed {c['seed']})"
+            if c.get("sample") == "random"
+            else f"the first {c['limit']} of the split)"
+        )
         if c.get("limit")
         else f"- **{m['n']} questions**: every question of split `{m['split']}`",
         f"  from `{c['store']}` (segments {c['store_fingerprint']}), seed {c['seed']}",

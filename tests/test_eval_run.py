@@ -16,6 +16,7 @@ from data_prep.store import SegmentStore, load_qa, write_store
 from eval import run as eval_run
 from eval.ablations import gold_hits, majority_predictions, random_hits
 from eval.metrics import exact_match, token_f1
+from eval.questions import select
 from eval.report import fmt, fmt_ci
 from qa.system import QASystem
 from retriever.search import Hit
@@ -247,6 +248,51 @@ def test_deterministic_and_resumable(world, tmp_path, monkeypatch):
     path.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
     with pytest.raises(UserError, match=r"predictions.jsonl:2: corrupt"):
         eval_run.main([*base, f"eval.out_dir={tmp_path / 'a'}", "eval.limit=5"])
+
+
+def test_random_sample_is_seeded_shared_and_resumable(world, tmp_path, monkeypatch):
+    root, overrides = world
+    base = [*overrides, "eval.systems=closed_book,rag_text", "eval.limit=4", "eval.sample=random"]
+    split = load_qa(root / "run" / "store", "test")
+    assert len(split) > 4
+    counter = CountingAnswer(monkeypatch)
+    m = run(base, f"eval.out_dir={tmp_path / 'a'}")
+    rows = read_rows(tmp_path / "a" / "predictions.jsonl")
+    ids = {
+        mode: [r["id"] for r in rows if r["mode"] == mode] for mode in ("closed_book", "rag_text", "majority")
+    }
+    # Every system, the majority baseline included, answers the same 4 questions: a seeded sample, in file
+    # order, not the first 4.
+    expected = [ex.id for ex in select(split, 4, "random", seed=0)]
+    assert ids["closed_book"] == ids["rag_text"] == ids["majority"] == expected
+    assert expected != [ex.id for ex in split[:4]] and set(expected) <= {ex.id for ex in split}
+    assert m["n"] == 4 and m["config"]["sample"] == "random" and m["config"]["limit"] == 4
+    assert "(a random sample of 4, seed 0)" in (tmp_path / "a" / "report.md").read_text()
+    # A rerun draws the same questions: everything is reused, nothing answered again.
+    counter.calls.clear()
+    again = run(base, f"eval.out_dir={tmp_path / 'a'}")
+    assert counter.calls == {} and again["systems"]["rag_text"]["em"] == m["systems"]["rag_text"]["em"]
+    # Another seed draws another sample.
+    run(base, f"eval.out_dir={tmp_path / 'b'}", "seed=1")
+    other = [r["id"] for r in read_rows(tmp_path / "b" / "predictions.jsonl") if r["mode"] == "closed_book"]
+    assert other == [ex.id for ex in select(split, 4, "random", seed=1)] and other != expected
+    with pytest.raises(UserError, match="eval.sample"):
+        eval_run.main([*overrides, "eval.sample=last"])
+
+
+def test_select_first_or_random():
+    exs = [QAExample(f"q{i}", "?", ["a"]) for i in range(50)]
+    ids = lambda sel: [ex.id for ex in sel]  # noqa: E731
+    assert ids(select(exs, 10, "first", seed=0)) == ids(exs[:10])
+    assert ids(select(exs, None, "random", seed=0)) == ids(select(exs, 99, "random", seed=0)) == ids(exs)
+    r0 = select(exs, 10, "random", seed=0)
+    assert len(r0) == 10 and ids(r0) != ids(exs[:10])
+    assert ids(r0) == ids(select(exs, 10, "random", seed=0))  # reproducible
+    assert ids(r0) == sorted(ids(r0), key=lambda i: int(i[1:]))  # file order kept
+    assert ids(select(exs, 10, "random", seed=1)) != ids(r0)  # seeded
+    assert set(ids(r0)) <= set(ids(select(exs, 20, "random", seed=0)))  # a larger N keeps a smaller one's
+    # The draw depends on (seed, id), not on the file order.
+    assert set(ids(select(exs[::-1], 10, "random", seed=0))) == set(ids(r0))
 
 
 def test_clear_errors(world, tmp_path):
