@@ -174,8 +174,18 @@ class TrainConfig:
     teacher: str = opt("pfull", "teacher of a compressed dynamic prefix: `pfull`, the same encoder at P = segment "
                        "length (the frozen LM's own K,V of the text), trained alongside with CE; or `none`",
                        choices=("pfull", "none"))
-    joint_retriever: bool = opt(False, "also update the retriever by marginal likelihood over the top-k (RAG-style)")
-    retriever_lr: float = opt(1e-5, "learning rate of the retriever when joint_retriever is on")
+    joint_retriever: bool = opt(
+        False,
+        "also train the retriever's question side end to end: for every trainable system that retrieves, add the "
+        "RAG-sequence loss -log sum_z p(z|x) p(y|x,z) over the (cached, gold-forced) top-k, the reader reading one "
+        "segment at a time; needs retriever.top_k >= 2. The trained retriever is saved as checkpoints/*/retriever; "
+        "the index is not rebuilt (re-embed with `python -m retriever.index retriever.model=<that folder>`)",
+    )
+    retriever_lr: float = opt(1e-5, "learning rate of the retriever (AdamW, same warmup/cosine schedule) when "
+                              "joint_retriever is on")
+    retriever_temperature: float | None = opt(
+        None, "p(z|x) = softmax(score / temperature) in joint_retriever mode (null = 0.05 for cosine similarity, "
+        "1 for dot)")
     eval_every: int = opt(100, "steps between dev evaluations (0 = only at the end)")
     dev_limit: int = opt(100, "dev questions per evaluation")
     dev_force_gold: bool = opt(False, "dev evaluation with the gold segment forced in (measures reading, not retrieval)")

@@ -2,7 +2,8 @@
 
     <system>/knowledge_encoder.safetensors + config.yaml    dynamic systems
     <system>/adapter_config.json + adapter_model.safetensors + config.yaml   peft static prefixes
-    manifest.json   systems, LM fingerprint, retriever encoder, P, data fingerprints
+    retriever/      the jointly trained retriever (train.joint_retriever only), a sentence-transformers folder
+    manifest.json   systems, LM fingerprint, retriever encoder, P, data fingerprints, joint_retriever
 
 Only safetensors, JSON and YAML: nothing here unpickles. A checkpoint made for another LM is refused.
 """
@@ -74,17 +75,25 @@ def new_model(system: SystemName, cfg: Config, lm, template: PromptTemplate, fea
 
 
 def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Config, lm_config,
-                    extra: dict | None = None) -> None:
-    """Write all systems atomically: a crash leaves the previous checkpoint (or none), never half of one."""
+                    extra: dict | None = None, retriever=None) -> None:
+    """Write all systems atomically: a crash leaves the previous checkpoint (or none), never half of one.
+
+    `retriever` (a `qa.joint_retriever.JointRetriever`, train.joint_retriever) is written in the same atomic
+    step as the sentence-transformers folder `retriever/`; the manifest's `joint_retriever` describes it
+    (null when the retriever was not trained).
+    """
     manifest = {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "lm": {"model": cfg.lm.model, **lm_fingerprint(lm_config)},
         "retriever_model": cfg.retriever.model,
         "systems": {},
+        "joint_retriever": retriever.describe(cfg.retriever.model) if retriever is not None else None,
         **(extra or {}),
     }
     with atomic_dir(directory) as tmp:
+        if retriever is not None:
+            retriever.save(tmp / manifest["joint_retriever"]["folder"])
         for name, model in models.items():
             sub = tmp / name
             sub.mkdir()

@@ -59,6 +59,19 @@ def answer_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE)
 
 
+def answer_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(answer | prompt) per row: the answer tokens' log-probabilities summed. logits: (B, W, V) for the
+    last W positions; labels: (B, T) -> (B,) float32 (0 for a row without answer tokens)."""
+    window = logits.shape[1]
+    if window < 2:
+        return logits.new_zeros(logits.shape[0], dtype=torch.float32)
+    target = labels[:, -window + 1:]
+    keep = target != IGNORE
+    logp = logits[:, :-1].float().log_softmax(-1)
+    tokens = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tokens * keep).sum(-1)
+
+
 def answer_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) averaged over answer positions; both (B, W, V)."""
     window = student.shape[1]
@@ -111,14 +124,21 @@ class PrefixQAModel(nn.Module):
             parts.append(self.encoder.build_prefix(batch.features, batch.k, full=full))
         return Prefix.concat(parts) if parts else None
 
-    def forward(self, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits over the answer window (B, W, V), loss or None when the batch has no labels)."""
+    def forward(self, batch: QABatch, sequence_logprob: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits over the answer window (B, W, V), loss or None when the batch has no labels).
+
+        With `sequence_logprob` (and labels) the second output is instead log p(answer | prompt, prefix) per
+        row, (B,), from the student path only (no teacher, no distillation): the reader term of the joint
+        retriever's marginal likelihood (`qa.joint_retriever`).
+        """
         window = answer_window(batch.labels) if batch.labels is not None else 1
-        hidden = self.distills and self.weights.hidden > 0 and batch.labels is not None
+        hidden = self.distills and self.weights.hidden > 0 and batch.labels is not None and not sequence_logprob
         out = forward_with_prefix(self.lm, batch.input_ids, batch.attention_mask, self.prefix(batch),
                                   logits_to_keep=window, output_hidden_states=hidden)
         if batch.labels is None:
             return out.logits, None
+        if sequence_logprob:
+            return out.logits, answer_logprob(out.logits, batch.labels)
         loss = answer_ce(out.logits, batch.labels)
         if self.distills:
             teacher = forward_with_prefix(self.lm, batch.input_ids, batch.attention_mask,

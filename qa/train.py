@@ -9,6 +9,14 @@ P = segment-length path (`train.teacher=pfull`). Retrieval is cached per questio
 segment is forced in during training only (`train.force_gold`). Checkpoints go to
 run_dir/checkpoints/{step-N,final}; optimizer, scheduler and RNG state to run_dir/checkpoints/state
 (accelerate's save_state) so `--resume` continues exactly. Logs: run_dir/logs/train.jsonl + loss.png.
+
+`train.joint_retriever=true` (needs retriever.top_k >= 2) also trains the retriever end to end: each system
+that retrieves gets the extra RAG-sequence loss -log sum_z p(z|x) p(y|x,z) over its k candidates (reading one
+segment at a time), which trains its own prefix and, through p(z|x) = softmax(sim / train.retriever_temperature),
+the retriever's question encoder (AdamW, train.retriever_lr). The retriever is saved with every checkpoint as
+checkpoints/*/retriever (a sentence-transformers folder). The index is NOT rebuilt during training: its
+embeddings and the cached top-k go stale; `python -m retriever.index retriever.model=<checkpoint>/retriever`
+re-embeds. See qa/joint_retriever.py.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone
 from qa.batching import Batcher, FeatureCache
 from qa.checkpoint import new_model, save_checkpoint
+from qa.joint_retriever import JointRetriever, candidate_logprobs, check_joint_config, marginal_nll
 from qa.prompting import PromptTemplate
 from qa.retrieval_cache import cached_hits
 from qa.system import QASystem
@@ -76,6 +85,7 @@ class Trainer:
                             "(closed_book and rag_text are zero-shot); evaluate them with eval.run")
         if any(s.ablation for s in self.systems):
             raise UserError("ablations (~random, ~gold) are evaluation-only; remove them from train.systems")
+        check_joint_config(cfg, self.systems)
         self._load_data()
         kcfg = cfg.knowledge_encoder
         backbone = build_backbone(kcfg.backbone, self.lm, self.template, kcfg.max_segment_tokens, kcfg.lm_layers,
@@ -91,11 +101,32 @@ class Trainer:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
             model, opt, sched = accelerator.prepare(model, opt, sched)
             self.models[str(system)], self.opts[str(system)], self.scheds[str(system)] = model, opt, sched
+        self.joint = None
+        if cfg.train.joint_retriever:
+            self._setup_joint()
         self.order = BatchOrder(len(self.train_examples), cfg.train.batch_size * accelerator.num_processes, cfg.seed)
         self.step = 0
         self.seconds = dict.fromkeys(self.models, 0.0)
+        if self.joint is not None:
+            self.seconds["retriever"] = 0.0
+        self.joint_losses: dict[str, float] = {}
+        self.joint_stats: dict[str, float] = {}
+        self.joint_prior_on_best: dict[str, float] = {}  # mean p(z|x) of the reader's favourite candidate
         if resume:
             self._resume()
+
+    def _setup_joint(self) -> None:
+        """The trainable retriever, its optimizer and schedule (prepared after the systems' for load_state)."""
+        cfg = self.cfg
+        self.joint = JointRetriever.from_encoder(self.retriever.encoder, cfg, self.acc.device)
+        opt = torch.optim.AdamW(self.joint.parameters(), lr=cfg.train.retriever_lr,
+                                weight_decay=cfg.train.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
+        self.retriever_opt, self.retriever_sched = self.acc.prepare(opt, sched)
+        log.info("joint retriever training: %s (temperature %.3g, lr %g); the index is NOT rebuilt during "
+                 "training, so its embeddings go stale: re-embed with `python -m retriever.index "
+                 "retriever.model=<checkpoint>/retriever`", cfg.retriever.model, self.joint.temperature,
+                 cfg.train.retriever_lr)
 
     # ------------------------------------------------------------------ data
     def _load_data(self) -> None:
@@ -113,9 +144,12 @@ class Trainer:
         self.retriever = None
         train_hits, dev_hits = {}, {}
         if needs_retrieval:
+            from retriever.encoder import Encoder
             from retriever.search import Retriever
 
-            self.retriever = Retriever.from_config(cfg)
+            # The joint retriever trains this encoder in place (after the cached top-k below), in float32.
+            encoder = Encoder.from_config(cfg, dtype="float32") if cfg.train.joint_retriever else None
+            self.retriever = Retriever.from_config(cfg, encoder=encoder)
             cache_dir = self.run_dir / "cache"
             train_hits = cached_hits(self.retriever, train_qa, k, cache_dir, progress=self.acc.is_main_process)
             dev_hits = cached_hits(self.retriever, dev_qa, k, cache_dir, progress=self.acc.is_main_process)
@@ -149,22 +183,47 @@ class Trainer:
         micro = self._shard(self.order.batch(self.step))
         accum = self.cfg.train.grad_accum
         chunks = [micro[i::accum] for i in range(accum)]
+        segment_emb = None
+        if self.joint is not None:
+            t0 = time.perf_counter()
+            segment_emb = [self.joint.segment_embeddings(chunk) for chunk in chunks]  # constants this step
+            self.seconds["retriever"] += time.perf_counter() - t0
+        self.joint_losses = {}
         for name, model in self.models.items():
             t0 = time.perf_counter()
             system = model.module.system if hasattr(model, "module") else model.system
             total = 0.0
-            for chunk in chunks:
+            for i, chunk in enumerate(chunks):
                 batch = self.batcher.build(chunk, system, with_labels=True)
                 with self._autocast():
                     _, loss = model(batch)
                 self.acc.backward(loss / accum)
                 total += loss.item() / accum
+                if segment_emb is not None and system.kind.retrieves:
+                    joint = self._joint_loss(model, system, chunk, segment_emb[i])
+                    self.acc.backward(joint / accum)
+                    self.joint_losses[name] = self.joint_losses.get(name, 0.0) + joint.item() / accum
             self.opts[name].step()
             self.scheds[name].step()
             self.opts[name].zero_grad(set_to_none=True)
             self.seconds[name] += time.perf_counter() - t0
             losses[name] = total
+        if self.joint is not None:
+            t0 = time.perf_counter()
+            self.joint_stats["grad_norm"] = self.joint.step(self.retriever_opt, self.retriever_sched, self.acc)
+            self.seconds["retriever"] += time.perf_counter() - t0
         return losses
+
+    def _joint_loss(self, model, system, chunk: list, segment_emb: torch.Tensor) -> torch.Tensor:
+        """The marginal NLL of `chunk` for one system (scalar), with gradient into it and the retriever."""
+        scores = self.joint.scores(chunk, segment_emb)  # (B, k), float32, outside autocast
+        with self._autocast():
+            logprob = candidate_logprobs(model, self.batcher, system, chunk)  # (B, k)
+        with torch.no_grad():  # diagnostics: prior mass on the candidate the reader likes best
+            prior = (scores / self.joint.temperature).softmax(-1)
+            best = (prior.log() + logprob.float()).argmax(-1, keepdim=True)
+            self.joint_prior_on_best[str(system)] = prior.gather(-1, best).mean().item()
+        return marginal_nll(scores, logprob, self.joint.temperature)
 
     def dev_em(self) -> dict[str, float]:
         if not self.dev_examples:
@@ -201,13 +260,16 @@ class Trainer:
                      "qa_fingerprint": self.store.qa_fingerprint, "data": self.data_stats,
                      "train_seconds": self.seconds,
                      "retriever_index_sha256": self.retriever.manifest.get("sha256") if self.retriever else None}
-            save_checkpoint(target, models, self.cfg, self.lm.config, extra)
+            save_checkpoint(target, models, self.cfg, self.lm.config, extra, retriever=self.joint)
         state_dir = self.ckpt_dir / "state"
         if self.acc.is_main_process:
             with atomic_dir(state_dir) as tmp:
                 self.acc.save_state(str(tmp), safe_serialization=True)
+                if self.joint is not None:
+                    self.joint.save_state(tmp)
                 atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "seconds": self.seconds,
-                                                               "systems": list(self.models)})
+                                                               "systems": list(self.models),
+                                                               "joint_retriever": self.joint is not None})
         self.acc.wait_for_everyone()
         return target
 
@@ -221,7 +283,12 @@ class Trainer:
         if saved["systems"] != list(self.models):
             raise UserError(f"--resume: the saved state trained {saved['systems']}, the config asks for "
                             f"{list(self.models)}; use the same train.systems or a new run_dir")
+        if saved.get("joint_retriever", False) != (self.joint is not None):
+            raise UserError(f"--resume: the saved state was trained with train.joint_retriever="
+                            f"{str(saved.get('joint_retriever', False)).lower()}; use the same setting or a new run_dir")
         self.acc.load_state(str(state_dir))
+        if self.joint is not None:
+            self.joint.load_state(state_dir)
         self.step, self.seconds = saved["step"], saved["seconds"]
         log.info("resumed at step %d", self.step)
 
@@ -242,6 +309,11 @@ class Trainer:
                              for n, v in losses.items()} | {"ex/s": f"{examples_per_s:.1f}"})
             record = {"step": self.step, "loss": losses, "examples_per_s": examples_per_s,
                       "lr": self.scheds[next(iter(self.scheds))].get_last_lr()[0], "seconds": dict(self.seconds)}
+            if self.joint is not None:
+                record["joint_loss"] = dict(self.joint_losses)
+                record["retriever"] = {k: round(v, 6) for k, v in self.joint_stats.items()} | {
+                    "lr": self.retriever_sched.get_last_lr()[0],
+                    "prior_on_best": {k: round(v, 4) for k, v in self.joint_prior_on_best.items()}}
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 record["dev_em"] = self.dev_em()
                 log.info("step %d dev EM %s", self.step, record["dev_em"])
@@ -259,6 +331,10 @@ class Trainer:
         log.info("final dev EM %s; train seconds per system %s", final_em,
                  {k: round(v) for k, v in self.seconds.items()})
         target = self.save(final=True)
+        if self.joint is not None:
+            log.info("trained retriever: %s/retriever; the index still holds the old embeddings: re-embed with "
+                     "`python -m retriever.index retriever.model=%s/retriever` (in a new run_dir to keep this one)",
+                     target, target)
         if self.acc.is_main_process:
             from qa.plots import plot_loss
 

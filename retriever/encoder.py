@@ -148,8 +148,7 @@ class Encoder:
             max_seq_length = positions
         # The packaged MiniLM says 256, which would silently cut a 288-token window plus its title.
         model.max_seq_length = max_seq_length
-        structure = [type(m).__name__ for m in model] + [_pooling_config(model)]
-        fp = weights_fingerprint(model, structure)
+        fp = model_fingerprint(model)
         target = resolve_encoder_dtype(dtype, dev)
         model.to(device=dev, dtype=target)
         model.eval()
@@ -216,6 +215,14 @@ class Encoder:
     def encode_passages(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """(n, dim) float32 passage embeddings; `texts` already joined as `segment_input_text` does."""
         return self._encode(texts, self.passage_prefix, show_progress)
+
+
+def model_fingerprint(model) -> str:
+    """The fingerprint `Encoder.load` records for a SentenceTransformer (weights + module structure).
+
+    A model trained in memory and the same model saved and loaded again give the same value (fp32 weights).
+    """
+    return weights_fingerprint(model, [type(m).__name__ for m in model] + [_pooling_config(model)])
 
 
 def _max_positions(model) -> int | None:
