@@ -166,8 +166,9 @@ class TrainConfig:
     warmup_steps: int = opt(20, "linear warmup steps")
     static_slots: int = opt(16, "virtual tokens of the peft prefix of static_prefix and rag_text_tuned")
     force_gold: bool = opt(True, "put the gold segment first among the retrieved ones during training only")
-    retrieval: str = opt("cached", "`cached` top-k per question (fingerprinted) or `online` with the current retriever",
-                         choices=("cached", "online"))
+    retrieval: str = opt("cached", "`cached`: top-k per question retrieved once, fingerprinted by index, encoder and "
+                         "store (the only mode: the index stays fixed during training, so an online search would "
+                         "return the same hits)", choices=("cached",))
     distill_weight: float = opt(1.0, "weight of the KL to the teacher's answer distribution (0 = off)")
     hidden_distill_weight: float = opt(0.0, "weight of matching the teacher's hidden states on the question")
     distill_temperature: float = opt(1.0, "softmax temperature of the distillation KL")

@@ -5,7 +5,7 @@
 
 Loss = cross-entropy on the answer tokens (the LM stays frozen; gradients flow through it into the
 knowledge encoder or the peft prefix), plus, for a compressed dynamic prefix, a KL to its own
-P = segment-length path (`train.teacher=pfull`). Retrieval is cached per question (or online); the gold
+P = segment-length path (`train.teacher=pfull`). Retrieval is cached per question; the gold
 segment is forced in during training only (`train.force_gold`). Checkpoints go to
 run_dir/checkpoints/{step-N,final}; optimizer, scheduler and RNG state to run_dir/checkpoints/state
 (accelerate's save_state) so `--resume` continues exactly. Logs: run_dir/logs/train.jsonl + loss.png.
