@@ -193,7 +193,8 @@ class TrainConfig:
     save_every: int = opt(100, "steps between checkpoints (0 = only final)")
     log_every: int = opt(10, "steps between log lines")
     max_train_questions: int = opt(0, "cap on training questions (0 = all)")
-    feature_cache_gb: float = opt(4.0, "RAM for cached frozen segment features (LM K,V); misses are recomputed")
+    feature_cache_gb: float = opt(4.0, "RAM for cached frozen segment features (LM K,V), in training and "
+                                   "when answering (eval, app); misses are recomputed")
 
 
 @dataclass

@@ -141,7 +141,10 @@ class QASystem:
         if key not in self._batchers:
             backbone = build_backbone(kcfg.backbone, self.lm, self.template, kcfg.max_segment_tokens,
                                       kcfg.lm_layers, self.cfg.retriever.model, self.device)
-            self._batchers[key] = Batcher(self.template, FeatureCache(backbone, max_bytes=1 << 30), self.device)
+            # Sized like training's cache: an evaluation runs system after system over the same segments,
+            # and an LRU smaller than their features would recompute every one of them for every system.
+            cache = FeatureCache(backbone, max_bytes=int(self.cfg.train.feature_cache_gb * (1 << 30)))
+            self._batchers[key] = Batcher(self.template, cache, self.device)
         return self._batchers[key]
 
     # ------------------------------------------------------------------ answering

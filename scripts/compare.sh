@@ -4,6 +4,7 @@
 #   data_prep -> index -> retriever fine-tuning -> qa.train (train.systems) -> eval.run (eval.systems)
 # Usage: bash scripts/compare.sh [CONFIG]   (default configs/default.yaml). Steps whose output exists are
 # reused, so a rerun after a crash continues (qa.train --resume continues from its last checkpoint).
+# FINETUNE_RETRIEVER=0 keeps the config's retriever (no step 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${1:-configs/default.yaml}"
@@ -11,12 +12,16 @@ PY=.venv/bin/python
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RUN_DIR=$($PY -c "from configs import load_config; print(load_config('$CONFIG').run_dir)")
 FINETUNED=(retriever.model="$RUN_DIR/retriever")
+[ "${FINETUNE_RETRIEVER:-1}" = "0" ] && FINETUNED=()
 start=$(date +%s)
 step() { printf '\n=== [%s] %s (%ds elapsed)\n' "$1" "$2" $(( $(date +%s) - start )); }
 
 step 1/5 "corpus -> segment store"
 $PY -m data_prep.build --config "$CONFIG"
-if [ ! -f "$RUN_DIR/retriever/config.json" ]; then
+if [ "${FINETUNE_RETRIEVER:-1}" = "0" ]; then
+  step 2/5 "segment store -> embeddings -> faiss index (the config's encoder, not fine-tuned)"
+  $PY -m retriever.index --config "$CONFIG"
+elif [ ! -f "$RUN_DIR/retriever/config.json" ]; then
   step 2/5 "segment store -> embeddings -> faiss index (the config's encoder)"
   $PY -m retriever.index --config "$CONFIG"
   step 3/5 "retriever fine-tuning on train questions (before/after on dev) + re-index"
