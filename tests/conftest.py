@@ -50,3 +50,14 @@ def make_tiny_llama(vocab_size: int, layers: int = 2, heads: int = 4, kv_heads: 
 @pytest.fixture(scope="session")
 def tiny_llama(smol_tokenizer):
     return make_tiny_llama(len(smol_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU two spinning threads are 10x slower.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

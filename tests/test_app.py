@@ -27,15 +27,7 @@ EXTRA = "Quorn is a new country. The capital of Quorn is Zibbelquat. Quorn is le
 OTHER = "Glimmerholt is an island. Its harbour master is Oskarine Vell. Ferries leave at dawn."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core CPU spinning threads are slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_tiny_demo(root: Path, checkpoint: bool = True) -> list[str]:

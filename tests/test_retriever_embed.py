@@ -15,16 +15,7 @@ from retriever.encoder import Encoder
 from retriever.search import tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning threads are 10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_
 EXTRA = "Quorn is a new country. The capital of Quorn is Zib. Quorn is led by Wub."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning threads are 10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

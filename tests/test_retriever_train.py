@@ -17,16 +17,7 @@ from retriever.faiss_index import read_manifest
 from retriever.search import Retriever, tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two spinning threads are 10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(root, n_docs, splits=None, extra=()):
