@@ -40,6 +40,10 @@ def run(service, n: int, modes: list[str], world_seed: int, top_k: int | None) -
 
     facts = new_facts(service.cfg.data.synthetic, n, world_seed)
     ids = [doc.id for doc, _, _ in facts]
+    # A check that crashed before its cleanup left its documents live: take them out before adding again.
+    leftover = [i for i in ids if i in set(service.retriever.live_documents)]
+    if leftover:
+        service.retriever.remove_documents(leftover)
     had_live = bool(service.retriever.live_documents)
     service.retriever.add_documents([doc for doc, _, _ in facts])
     results = {}

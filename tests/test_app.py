@@ -472,6 +472,17 @@ def test_live_check_adds_new_facts_asks_and_cleans_up(clean_index):
     assert len(service.retriever.live_documents) == 1
 
 
+def test_live_check_after_a_crashed_check_left_its_documents(clean_index):
+    """Regression: a check killed before its cleanup made every later check fail on 'already in the index'."""
+    from demo.live_check import new_facts, run
+
+    service = clean_index
+    service.retriever.add_documents([doc for doc, _, _ in new_facts(service.cfg.data.synthetic, 2, world_seed=7)])
+    results = run(service, 2, ["rag_text"], world_seed=7, top_k=1)
+    assert results["rag_text"]["n"] == 2
+    assert service.retriever.live_documents == []
+
+
 def test_add_checks_every_input_before_adding_anything(clean_index, tmp_path):
     service = clean_index
     (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
