@@ -25,16 +25,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from configs.cli import build_parser, parse, run_main  # noqa: E402
-from configs.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = build_parser("python app.py", __doc__)
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(
-            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
-        )
     from demo.service import DemoService
     from demo.ui import build_ui, launch
 

@@ -295,8 +295,6 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default=None, help="JSON file for the numbers (default run_dir/bench/...)")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}")
     result = retrieval_scale(cfg, embeddings=ns.embeddings, n_components=ns.components)
     out = Path(ns.out) if ns.out else Path(cfg.run_dir) / "bench" / "retrieval_scale.json"
     atomic_write_json(out, result)

@@ -115,8 +115,6 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", default=None, help="internal: run one section and write its JSON here")
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}; overrides look like bench.n_vectors=20000")
     sections = (
         [s.strip() for s in ns.sections.split(",") if s.strip()] if ns.sections else list(cfg.bench.sections)
     )

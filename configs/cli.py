@@ -35,11 +35,16 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parse argv; positional `key=value` items are overrides, the rest stay in `ns.args`."""
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+          positional: bool = False) -> tuple[Config, argparse.Namespace]:
+    """Parse argv; positional `key=value` items are overrides. Any other positional item is an error,
+    unless the command takes them (`positional=True`, e.g. qa.answer's questions): they stay in `ns.args`."""
     ns = parser.parse_args(argv)
     overrides = [a for a in ns.args if _OVERRIDE.match(a)]
     ns.args = [a for a in ns.args if not _OVERRIDE.match(a)]
+    if ns.args and not positional:
+        raise UserError(f"unexpected arguments {ns.args}; this command takes its options and key=value "
+                        "overrides (e.g. train.lr=3e-5)")
     cfg = load_config(ns.config, overrides)
     return cfg, ns
 

@@ -283,8 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical store exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}; overrides look like data.corpus=file.jsonl")
     result = build_store(cfg, force=ns.force, progress=not ns.no_progress)
     if result.skipped:
         print(

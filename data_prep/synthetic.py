@@ -391,8 +391,6 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", default=None, help="with --stats: also write the numbers to this JSON file")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}; overrides look like key=value")
     syn, d = cfg.data.synthetic, cfg.data
     if ns.show:
         world = World(syn)

@@ -84,8 +84,6 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="top-k (default: retriever.top_k)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}")
     if ns.world_seed == cfg.data.synthetic.seed:
         raise UserError(
             "--world-seed must differ from data.synthetic.seed: the facts must be new to the index"

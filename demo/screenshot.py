@@ -50,8 +50,6 @@ def main(argv=None) -> int:
     parser.add_argument("--tries", type=int, default=20, help="questions tried when picking one")
     parser.add_argument("--width", type=int, default=1400, help="browser window width in pixels")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}")
     from data_prep.atomic import atomic_write_bytes
     from demo.browser import ask, chromium_path, open_page
     from demo.service import DemoService

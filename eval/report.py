@@ -384,10 +384,6 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
 def main(argv=None) -> int:
     parser = build_parser("python -m eval.report", __doc__)
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(
-            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
-        )
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else Path(cfg.run_dir) / "eval"
     path = out_dir / "metrics.json"
     if not path.is_file():

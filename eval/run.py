@@ -154,10 +154,6 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
 def main(argv=None) -> int:
     parser = build_parser("python -m eval.run", __doc__)
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(
-            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
-        )
     result = evaluate(cfg)
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else Path(cfg.run_dir) / "eval"
     print(f"{result['n']} `{result['split']}` questions; report: {out_dir / 'report.md'}")

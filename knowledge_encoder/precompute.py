@@ -111,8 +111,6 @@ def main(argv=None) -> int:
     parser = build_parser("python -m knowledge_encoder.precompute", __doc__)
     parser.add_argument("--systems", default=None, help="comma list of checkpoint systems (default: every dynamic one)")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}")
     systems = [s.strip() for s in ns.systems.split(",")] if ns.systems else None
     print(json.dumps(precompute(cfg, systems), indent=2))
     return 0

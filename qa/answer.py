@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser = build_parser("python -m qa.answer", __doc__)
     parser.add_argument("--file", type=Path, help="JSONL file of questions ({\"id\"?, \"question\"} per line)")
     parser.add_argument("--out", type=Path, help="write predictions as JSONL here instead of printing them")
-    cfg, ns = parse(parser, argv)
+    cfg, ns = parse(parser, argv, positional=True)
     rows = [{"id": str(i), "question": q} for i, q in enumerate(ns.args, 1)]
     if ns.file:
         rows += read_questions(ns.file)

@@ -346,8 +346,6 @@ def main(argv=None) -> int:
     parser = build_parser("python -m qa.train", __doc__)
     parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/state")
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(f"unexpected arguments {ns.args}; overrides look like key=value")
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cfg.device == "cpu", gradient_accumulation_steps=1)

@@ -124,10 +124,6 @@ def build_index(
 def main(argv=None) -> int:
     parser = build_parser("python -m retriever.index", __doc__)
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(
-            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
-        )
     manifest = build_index(cfg)
     rate = manifest.get("segments_per_s")
     print(

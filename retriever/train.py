@@ -489,10 +489,6 @@ def _fmt(m: dict) -> str:
 def main(argv=None) -> int:
     parser = build_parser("python -m retriever.train", __doc__)
     cfg, ns = parse(parser, argv)
-    if ns.args:
-        raise UserError(
-            f"unexpected arguments {ns.args}; this command takes only --config and key=value overrides"
-        )
     report = run(cfg)
     s = report["train"]
     print(

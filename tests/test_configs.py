@@ -94,3 +94,15 @@ def test_missing_local_model_paths_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve_encoder_path("./no/such/encoder")
     assert Path(resolve_encoder_path("embedded:minilm-l6"), "config.json").is_file()
+
+
+def test_commands_refuse_stray_arguments_unless_they_take_them():
+    from configs.cli import build_parser, parse
+
+    parser = build_parser("prog", "a command")
+    cfg, ns = parse(parser, ["train.lr=0.5"])
+    assert cfg.train.lr == 0.5 and ns.args == []
+    with pytest.raises(UserError, match="unexpected arguments.*'typo'"):
+        parse(parser, ["typo", "train.lr=0.5"])
+    _, ns = parse(parser, ["Who founded it?", "train.lr=0.5"], positional=True)
+    assert ns.args == ["Who founded it?"]
