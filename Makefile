@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 CONFIG ?= configs/default.yaml
+# `make demo` has its own demo-sized recipe; `make demo DEMO_CONFIG=...` picks another.
+DEMO_CONFIG ?= configs/demo.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -27,7 +29,7 @@ test: install
 	$(PY) -m pytest --durations=20 -q
 
 demo: install
-	bash scripts/demo.sh $(CONFIG)
+	bash scripts/demo.sh $(DEMO_CONFIG)
 
 bench: install
 	$(PY) -m bench.run --config $(CONFIG)
