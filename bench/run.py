@@ -69,6 +69,40 @@ def reduced_sizes(bench: BenchConfig) -> dict[str, tuple]:
     }
 
 
+def prepare_run_dir(cfg, progress: bool = True) -> str:
+    """The run_dir every section reads: `bench.run_dir`, or `bench.work_dir/run` (re)built here.
+
+    A bench-owned run keeps `make bench` working on a fresh clone, and independent of what a comparison
+    left in run_dir (an index of a fine-tuned encoder that retriever.model does not name, for one).
+    The store is reused when its inputs are unchanged; the index is rebuilt when it is missing or was
+    built with another encoder or store.
+    """
+    if cfg.bench.run_dir:
+        return cfg.bench.run_dir
+    from data_prep.build import build_store
+    from data_prep.store import SegmentStore
+    from retriever.encoder import Encoder
+    from retriever.faiss_index import MANIFEST_FILE, read_manifest
+    from retriever.index import build_index
+
+    run = Path(cfg.bench.work_dir) / "run"
+    cfg.run_dir = str(run)
+    build_store(cfg, progress=progress)
+    encoder = Encoder.from_config(cfg)
+    store = SegmentStore.open(run / "store")
+    index_dir = run / "index"
+    if (index_dir / MANIFEST_FILE).is_file():
+        manifest = read_manifest(index_dir)
+        if (manifest.get("encoder", {}).get("fingerprint") == encoder.fingerprint
+                and manifest.get("store_fingerprint") == store.fingerprint):
+            log.info("bench run_dir %s: store and index reused", run)
+            return str(run)
+    log.info("bench run_dir %s: embedding %d segments with %s and indexing them", run, len(store),
+             cfg.retriever.model)
+    build_index(cfg, encoder=encoder, store=store, progress=progress)
+    return str(run)
+
+
 def run_section(name: str, cfg) -> dict:
     """Run one section in this process and return its JSON-ready result."""
     import importlib
@@ -129,6 +163,7 @@ def main(argv=None) -> int:
         return 0
 
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    cfg.run_dir = prepare_run_dir(cfg)
     out_dir = Path(cfg.bench.out_dir)
     fp = fingerprint(to_dict(cfg))
     partial = Path(cfg.bench.work_dir) / "partial" / fp

@@ -247,6 +247,9 @@ class BenchConfig:
     repeats: int = opt(5, "repetitions of each latency measurement")
     sections: list[str] = opt(["retrieval", "encoding", "qa_latency", "training", "size"],
                               "benchmark sections `make bench` runs (comma list)")
+    run_dir: str | None = opt(None, "store, embeddings and index the benchmarks read (null = bench.work_dir/run, "
+                              "built from data.* and retriever.model when missing or stale, so `make bench` needs "
+                              "no earlier run and ignores what a comparison left in run_dir)")
     work_dir: str = opt("runs/bench", "bench-owned artifacts: an untrained checkpoint, a subset store, its prefix "
                         "store, finished sections (for --resume)")
     out_dir: str = opt("bench", "where RESULTS.md and results.json are written")

@@ -5,6 +5,7 @@ length, peak-memory probes, and the runner's files."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -290,3 +291,23 @@ def test_size_section_matches_the_files(tiny):
     # tiny LM: 2 layers, 2 KV heads, head_dim 24, float16
     assert computed["bytes_per_segment"]["P=10"] == 2 * 2 * 2 * 10 * 24 * 2 + 10 + 8
     assert "| faiss index |" in size.to_markdown(r)
+
+
+def test_bench_reads_a_run_dir_of_its_own_not_a_stale_index_in_run_dir(tiny):
+    # Regression: `make bench` after scripts/compare.sh failed in qa_latency, because run_dir/index had been
+    # rebuilt with the fine-tuned encoder while retriever.model still named the packaged one.
+    import copy
+
+    from bench.run import prepare_run_dir
+
+    cfg = copy.deepcopy(tiny)
+    run = Path(prepare_run_dir(cfg))
+    assert run == Path(tiny.bench.work_dir) / "run" and cfg.run_dir == str(run)
+    index_file = run / "index" / "index.faiss"
+    built = index_file.stat().st_mtime_ns
+    assert (run / "store" / "manifest.json").is_file()
+    assert Path(prepare_run_dir(copy.deepcopy(tiny))) == run
+    assert index_file.stat().st_mtime_ns == built  # reused, not rebuilt
+    explicit = copy.deepcopy(tiny)
+    explicit.bench.run_dir = tiny.run_dir
+    assert prepare_run_dir(explicit) == tiny.run_dir
