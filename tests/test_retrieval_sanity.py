@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.store import SegmentStore, load_qa
+from eval.metrics import exact_match
 from qa.system import QASystem
 from qa.train import main as train_main
 from retriever.search import Hit
@@ -21,17 +22,20 @@ from tests.tiny_run import make_tiny_run
 
 pytestmark = pytest.mark.slow
 
-STEPS = 96  # about 2 epochs of the 90-entity world's train questions
-QUESTIONS = 40
+# 300 entities (~900 train questions) and 144 steps: a 90-entity world gave 0.80 with the gold segment at
+# 48 and at 96 steps (too few distinct training questions); 300 entities gave 0.917 on 120 questions at 96.
+ENTITIES = 300
+STEPS = 144
+QUESTIONS = 120
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("sanity")
-    cfg = make_tiny_run(root, smol_tokenizer, n_entities=90, overrides=("data.synthetic.questions_per_entity=4",))
+    cfg = make_tiny_run(root, smol_tokenizer, n_entities=ENTITIES, overrides=("data.synthetic.questions_per_entity=4",))
     cfg.lm.model = "embedded:smollm2-135m"
     args = [f"run_dir={cfg.run_dir}", "lm.model=embedded:smollm2-135m", f"retriever.model={cfg.retriever.model}",
-            "index.factory=Flat", "data.synthetic.n_entities=90", "train.systems=dynamic_prefix@pfull",
+            "index.factory=Flat", f"data.synthetic.n_entities={ENTITIES}", "train.systems=dynamic_prefix@pfull",
             "knowledge_encoder.max_segment_tokens=320", "train.batch_size=8", f"train.max_steps={STEPS}",
             "train.lr=3e-3", "train.warmup_steps=6", "train.eval_every=0", "train.dev_limit=8",
             "train.force_gold=true", "lm.max_new_tokens=12"]
@@ -80,19 +84,18 @@ def test_answers_from_the_segment_and_follows_a_replacement(trained):
     with_gold = qa.answer(texts, mode="dynamic_prefix@pfull", hits=gold_hits)
     swapped = qa.answer(texts, mode="dynamic_prefix@pfull", hits=swap_hits)
 
-    def norm(s: str) -> str:
-        return " ".join(s.lower().split())
+    def right(prediction: str, gold: str) -> bool:
+        return exact_match(prediction, gold) == 1.0  # the evaluation's EM (SQuAD normalisation)
 
-    gold_right = sum(norm(p.prediction) == norm(q.answers[0]) for p, q in zip(with_gold, questions)) / len(questions)
-    follows = sum(norm(p.prediction) == norm(a) for p, a in zip(swapped, swap_answers)) / len(questions)
+    gold_right = sum(right(p.prediction, q.answers[0]) for p, q in zip(with_gold, questions)) / len(questions)
+    follows = sum(right(p.prediction, a) for p, a in zip(swapped, swap_answers)) / len(questions)
     report = [{"q": q.question, "gold": q.answers[0], "pred": p.prediction, "swap": a, "swap_pred": s.prediction}
               for q, p, a, s in zip(questions, with_gold, swap_answers, swapped)]
-    changed = sum(norm(p.prediction) != norm(s.prediction) for p, s in zip(with_gold, swapped)) / len(questions)
+    changed = sum(not right(p.prediction, s.prediction) for p, s in zip(with_gold, swapped)) / len(questions)
     # An LM that ignored its prefix would give the same answer both times and follow no replacement
-    # (swap answers differ from gold ones by construction). The bars leave room for the confusable names
-    # of a 90-entity world after one minute of training; eval.run's `dynamic_prefix@pfull~gold` row measures
-    # reading the gold segment at full scale.
+    # (swap answers differ from gold ones by construction). Names in the synthetic world are confusable
+    # on purpose (Tore Daikaissa, Tore Daikaissair); the bar is 0.9 with the gold segment.
     print(f"sanity: gold_right={gold_right:.2f} follows={follows:.2f} changed={changed:.2f}")
     assert changed >= 0.8, json.dumps(report, indent=1)
-    assert gold_right >= 0.7, json.dumps(report, indent=1)
+    assert gold_right >= 0.9, json.dumps(report, indent=1)
     assert follows >= 0.6, json.dumps(report, indent=1)
