@@ -8,6 +8,9 @@ RESULTS.md (one section per benchmark: the command that reproduces it, its goal,
 Every size is a `bench.*` config key; the defaults fit 45 minutes on an idle 2-core machine. A run with
 smaller sizes is labelled a development run in both files.
 
+The sections read a store, embeddings and index of their own, `bench.work_dir/run`, built from the config's
+data and `retriever.model` when missing or stale (`bench.run_dir=DIR` reads another run instead).
+
 Each section runs in its own subprocess (its peak memory is its own, a crash loses one section) and its
 result is kept in `bench.work_dir/partial/<config fingerprint>/`; `--resume` reuses the sections an
 interrupted run finished with the same config. Running only some `--sections` keeps the other
