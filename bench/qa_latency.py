@@ -138,7 +138,9 @@ def _time_variant(qa, batcher: Batcher, variant: Variant, examples: list[Example
 
     with torch.no_grad(), autocast(cfg):
         t0 = time.perf_counter()
-        batch, prefix = qa.prepare(system, model, examples, batcher)  # the serving path: store read or encoder
+        batch, prefix = qa.prepare(
+            system, model, examples, batcher
+        )  # the serving path: store read or encoder
         t1 = time.perf_counter()
         out = greedy_generate(
             qa.lm, batch.input_ids, batch.attention_mask, prefix, stop, n_tokens, on_token=on_token

@@ -85,24 +85,18 @@ def prepare_run_dir(cfg, progress: bool = True) -> str:
     from data_prep.build import build_store
     from data_prep.store import SegmentStore
     from retriever.encoder import Encoder
-    from retriever.faiss_index import MANIFEST_FILE, read_manifest
-    from retriever.index import build_index
+    from retriever.index import ensure_index
 
     run = Path(cfg.bench.work_dir) / "run"
     cfg.run_dir = str(run)
     build_store(cfg, progress=progress)
-    encoder = Encoder.from_config(cfg)
-    store = SegmentStore.open(run / "store")
-    index_dir = run / "index"
-    if (index_dir / MANIFEST_FILE).is_file():
-        manifest = read_manifest(index_dir)
-        if (manifest.get("encoder", {}).get("fingerprint") == encoder.fingerprint
-                and manifest.get("store_fingerprint") == store.fingerprint):
-            log.info("bench run_dir %s: store and index reused", run)
-            return str(run)
-    log.info("bench run_dir %s: embedding %d segments with %s and indexing them", run, len(store),
-             cfg.retriever.model)
-    build_index(cfg, encoder=encoder, store=store, progress=progress)
+    ensure_index(
+        cfg,
+        encoder=Encoder.from_config(cfg),
+        store=SegmentStore.open(run / "store"),
+        run_dir=run,
+        progress=progress,
+    )
     return str(run)
 
 

@@ -19,7 +19,7 @@ from configs.errors import UserError
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder
-from retriever.faiss_index import FaissIndex, default_nlist, expand_factory, save_index_dir
+from retriever.faiss_index import FaissIndex, default_nlist, expand_factory, load_index_dir, save_index_dir
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,29 @@ def build_index(
         log.info("the index was rebuilt: dropping live additions in %s", live)
         shutil.rmtree(live, ignore_errors=True)
     return manifest
+
+
+def ensure_index(
+    cfg, *, encoder: Encoder, store: SegmentStore, run_dir: str | Path, progress: bool = True
+) -> tuple[FaissIndex, dict]:
+    """Open run_dir/index when it was built from `store` with `encoder`; (re)build it first otherwise.
+
+    Any refusal of load_index_dir (missing, another encoder or store, a bad sha256) means a rebuild.
+    """
+    index_dir = Path(run_dir) / "index"
+    checks = {
+        "encoder_fingerprint": encoder.fingerprint,
+        "dim": encoder.dim,
+        "store_fingerprint": store.fingerprint,
+        "use_gpu": cfg.index.use_gpu,
+        "verify_sha256": cfg.index.verify_sha256,
+    }
+    try:
+        return load_index_dir(index_dir, **checks)
+    except UserError as err:
+        log.info("building %s: %s", index_dir, err)
+    build_index(cfg, encoder=encoder, run_dir=run_dir, store=store, progress=progress)
+    return load_index_dir(index_dir, **checks)
 
 
 def main(argv=None) -> int:

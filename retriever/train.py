@@ -40,8 +40,7 @@ from data_prep.records import QAExample, Segment
 from data_prep.split import split_of
 from data_prep.store import SegmentStore, load_qa, segment_input_text
 from retriever.encoder import Encoder
-from retriever.faiss_index import load_index_dir
-from retriever.index import build_index
+from retriever.index import ensure_index
 from retriever.metrics import AnswerMatcher, retrieval_metrics
 from retriever.search import Retriever
 
@@ -378,26 +377,7 @@ def retriever_over(
     cfg, encoder: Encoder, store: SegmentStore, out_dir: Path, progress: bool = True
 ) -> Retriever:
     """Embed + index `store` with `encoder` into `out_dir` (reused when it already matches) and open it."""
-    index_dir = out_dir / "index"
-    try:
-        index, manifest = load_index_dir(
-            index_dir,
-            encoder_fingerprint=encoder.fingerprint,
-            dim=encoder.dim,
-            store_fingerprint=store.fingerprint,
-            use_gpu=cfg.index.use_gpu,
-            verify_sha256=cfg.index.verify_sha256,
-        )
-    except UserError:
-        build_index(cfg, encoder=encoder, run_dir=out_dir, store=store, progress=progress)
-        index, manifest = load_index_dir(
-            index_dir,
-            encoder_fingerprint=encoder.fingerprint,
-            dim=encoder.dim,
-            store_fingerprint=store.fingerprint,
-            use_gpu=cfg.index.use_gpu,
-            verify_sha256=cfg.index.verify_sha256,
-        )
+    index, manifest = ensure_index(cfg, encoder=encoder, store=store, run_dir=out_dir, progress=progress)
     return Retriever(
         encoder=encoder,
         index=index,

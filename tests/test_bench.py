@@ -308,6 +308,13 @@ def test_bench_reads_a_run_dir_of_its_own_not_a_stale_index_in_run_dir(tiny):
     assert (run / "store" / "manifest.json").is_file()
     assert Path(prepare_run_dir(copy.deepcopy(tiny))) == run
     assert index_file.stat().st_mtime_ns == built  # reused, not rebuilt
+    manifest_file = run / "index" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["encoder"]["fingerprint"] = "another-encoder"
+    manifest_file.write_text(json.dumps(manifest))
+    assert Path(prepare_run_dir(copy.deepcopy(tiny))) == run
+    assert index_file.stat().st_mtime_ns != built  # an index of another encoder is rebuilt
+    assert json.loads(manifest_file.read_text())["encoder"]["fingerprint"] != "another-encoder"
     explicit = copy.deepcopy(tiny)
     explicit.bench.run_dir = tiny.run_dir
     assert prepare_run_dir(explicit) == tiny.run_dir
