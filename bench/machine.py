@@ -5,6 +5,11 @@ for the kernels (AVX-512, bf16, AMX), logical and physical cores, RAM, library v
 counts torch and faiss use, the date and the load average (the machine may be shared, so a high load
 at start explains slow absolutes; ratios are measured side by side and suffer less).
 
+Whether the machine *was* shared during a run is judged from CPU time, not the load average at start
+(which still counts a job that ended a minute earlier): `CpuSnapshot` records the busy CPU seconds of
+the whole machine and of this process with its finished children, and `other_cpu_share` is the part
+of the machine's capacity over the run that other processes used.
+
 Peak RSS: Linux keeps a per-process high-water mark (`VmHWM` in /proc/self/status) that writing `5`
 to /proc/self/clear_refs resets (Linux >= 4.0), so one process can measure the peak of each phase.
 Where that is unavailable, the peak since process start (`ru_maxrss`) is reported and flagged.
@@ -17,6 +22,8 @@ import datetime as _dt
 import os
 import platform
 import resource
+import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -85,6 +92,39 @@ def machine_record() -> dict:
 
 def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Busy CPU seconds of the machine and of this process tree at one wall-clock instant."""
+
+    wall: float
+    machine_busy: float
+    own: float
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        t = psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        # guest time is already counted in user/nice on Linux
+        busy -= getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)
+        c = psutil.Process().cpu_times()
+        own = c.user + c.system + c.children_user + c.children_system
+        return cls(wall=time.monotonic(), machine_busy=busy, own=own)
+
+
+def other_cpu_share(start: CpuSnapshot, end: CpuSnapshot, cores: int | None = None) -> float | None:
+    """Fraction of the machine's CPU capacity between the snapshots used by processes other than ours.
+
+    0 on an idle machine, about 0.5 when another single-threaded job held one of two cores throughout.
+    Children count as ours once they have been waited for (bench sections run as waited subprocesses).
+    """
+    cores = cores or os.cpu_count() or 1
+    capacity = (end.wall - start.wall) * cores
+    if capacity <= 0:
+        return None
+    other = (end.machine_busy - start.machine_busy) - (end.own - start.own)
+    return round(min(max(other / capacity, 0.0), 1.0), 3)
 
 
 def rss_bytes() -> int:

@@ -56,6 +56,27 @@ def _met(r: dict) -> str:
     return "**met**" if r["met"] else "**not met**"
 
 
+# Other processes using more than this share of the CPU over a run make its absolute times pessimistic.
+SHARED_CPU_SHARE = 0.25
+
+
+def _sharing(results: dict) -> str:
+    """The report's verdict on whether other work ran beside the bench.
+
+    Judged from the CPU time other processes used during the run (`other_cpu_share`); results written
+    before that was measured fall back to the load average at start, which also counts a job that had
+    just ended.
+    """
+    m = results["machine"]
+    share = results.get("other_cpu_share")
+    note = " (**the machine was shared**: absolute times are pessimistic, the side-by-side ratios less so)"
+    if share is not None:
+        return f"; other processes used {share:.0%} of the CPU during the run" + (
+            note if share > SHARED_CPU_SHARE else ""
+        )
+    return note if (m["load_average_at_start"][0] or 0) > 0.5 * (m["logical_cores"] or 1) else ""
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     v = m["versions"]
@@ -79,13 +100,7 @@ def render(results: dict) -> str:
         + "".join(f", {k}={val}" for k, val in (m.get("thread_env") or {}).items())
         + (f", niceness {m['niceness']}" if m.get("niceness") else "")
         + f"; load average at start {m['load_average_at_start']}, at end "
-        f"{results.get('load_average_at_end')}"
-        + (
-            " (**the machine was shared**: absolute times are pessimistic, the side-by-side ratios less so)"
-            if (m["load_average_at_start"][0] or 0) > 0.5 * (m["logical_cores"] or 1)
-            else ""
-        )
-        + ".",
+        f"{results.get('load_average_at_end')}" + _sharing(results) + ".",
         "",
         "Figures within a section are measured side by side in one process (ratios), plus absolutes. These "
         "are not timed tests: goals are reported against, met or not.",
@@ -111,7 +126,13 @@ def render(results: dict) -> str:
             continue
         lines.append(
             f"Command: `{r['command']}` ({r.get('seconds_total', r.get('seconds', 0)):.0f} s, load average "
-            f"before {r.get('load_average_before')})."
+            f"before {r.get('load_average_before')}"
+            + (
+                f", other processes used {r['other_cpu_share']:.0%} of the CPU"
+                if r.get("other_cpu_share") is not None
+                else ""
+            )
+            + ")."
         )
         if "error" in r:
             lines += ["", f"**Failed**: {r['error']}"]

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.machine import load_average, machine_record
+from bench.machine import CpuSnapshot, load_average, machine_record, other_cpu_share
 from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from configs.loader import save_config, to_dict
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     explicit = ns.sections is not None
     results = _load_previous(out_dir / "results.json") if explicit else {}
     started = time.perf_counter()
+    cpu_at_start = CpuSnapshot.take()
     reduced = reduced_sizes(cfg.bench)
     results.update(
         {
@@ -188,6 +189,7 @@ def main(argv=None) -> int:
 
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         results["load_average_at_end"] = load_average()
+        results["other_cpu_share"] = other_cpu_share(cpu_at_start, CpuSnapshot.take())
         flagged = {n: results[n] for n in SECTION_MODULES if isinstance(results.get(n), dict)}
         results["development_run"] = bool(reduced) or any(r.get("development_run") for r in flagged.values())
         results["reduced_sizes"] = {k: list(v) for k, v in reduced.items()}
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
         target = partial / f"{name}.json"
         command = _command(ns.config, overrides, [name])
         load_before = load_average()
+        cpu_before = CpuSnapshot.take()
         t0 = time.perf_counter()
         if ns.resume and target.is_file():
             log.info("section %s: reusing %s (--resume)", name, target)
@@ -233,6 +236,7 @@ def main(argv=None) -> int:
             {
                 "command": command,
                 "load_average_before": load_before,
+                "other_cpu_share": other_cpu_share(cpu_before, CpuSnapshot.take()),
                 "seconds_total": round(time.perf_counter() - t0, 1),
                 "development_run": bool(reduced),
                 "date": results["started"],

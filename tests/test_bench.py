@@ -5,6 +5,8 @@ length, peak-memory probes, and the runner's files."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import faiss
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from bench import encoding, qa_latency, retrieval, size, training
-from bench.machine import PeakRSS, machine_record
+from bench.machine import CpuSnapshot, PeakRSS, machine_record, other_cpu_share
 from bench.retrieval_scale import measure
 from configs.loader import save_config
 from retriever.faiss_index import FaissIndex
@@ -80,6 +82,39 @@ def test_machine_record_and_peak_memory():
     assert d["peak_rss_mb"] >= d["rss_before_mb"]
     if d["peak_is_per_phase"]:
         assert d["peak_over_before_mb"] > 50
+
+
+def test_other_cpu_share_counts_only_other_processes():
+    start = CpuSnapshot(wall=0.0, machine_busy=100.0, own=10.0)
+    # 10 s on 2 cores: the machine was busy 12 s, 2 of them ours -> others used 10 of 20 core-seconds
+    assert other_cpu_share(start, CpuSnapshot(wall=10.0, machine_busy=112.0, own=12.0), cores=2) == 0.5
+    assert other_cpu_share(start, CpuSnapshot(wall=10.0, machine_busy=104.0, own=14.0), cores=2) == 0.0
+    assert other_cpu_share(start, start, cores=2) is None
+
+
+def test_other_cpu_share_sees_a_busy_process_beside_us():
+    import subprocess
+    import sys
+
+    before = CpuSnapshot.take()
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"]
+    )
+    time.sleep(2.0)
+    share = other_cpu_share(before, CpuSnapshot.take())  # taken before the child is waited for
+    busy.wait()
+    cores = os.cpu_count() or 1
+    assert share >= 0.4 / cores  # the child held one core for ~1.5 of the 2 s
+
+
+def test_report_judges_sharing_by_cpu_time_not_the_load_average_at_start():
+    # Regression: RESULTS.md called an idle run "shared" because the previous job's load average lingered.
+    from bench.report import _sharing
+
+    machine = {"load_average_at_start": [1.5, 1.0, 0.9], "logical_cores": 2}
+    assert "shared" not in _sharing({"machine": machine, "other_cpu_share": 0.02})
+    assert "shared" in _sharing({"machine": machine, "other_cpu_share": 0.6})
+    assert "shared" in _sharing({"machine": machine})  # results from before the CPU-time measure
 
 
 def test_index_bytes_matches_serialized_size():
@@ -228,7 +263,9 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
         kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers, tiny.retriever.model, "cpu"
     )
     qa = QASystem(tiny, lm, tok, None, {"dynamic_prefix": model}, {"dynamic_prefix": "dynamic_prefix"})
-    _, online = qa.prepare(system, model, example, Batcher(template, qa_latency.FreshFeatures(backbone), "cpu"))
+    _, online = qa.prepare(
+        system, model, example, Batcher(template, qa_latency.FreshFeatures(backbone), "cpu")
+    )
     qa.prefix_stores["dynamic_prefix"] = store
     _, stored = qa.prepare(system, model, example, Batcher(template, qa_latency.NoFeatures(), "cpu"))
     assert online.length == stored.length
