@@ -88,6 +88,12 @@ class RetrieverFinetuneConfig:
     max_steps: int = opt(0, "stop after this many optimizer steps (0 = the epochs decide)")
     loss_pairs: int = opt(128, "training pairs on which the InfoNCE loss is measured before and after")
     save_steps: int = opt(50, "steps between resumable checkpoints in run_dir/retriever_checkpoints (0 = none)")
+    precision: str = opt(
+        "auto",
+        "mixed precision of the forward/backward (weights stay fp32): auto (bf16, else fp16, on a GPU; fp32 "
+        "on CPU), bf16 (CPU autocast too: faster where the CPU has AVX-512 bf16 or AMX), fp16 (GPU only), fp32",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
 
 
 @dataclass

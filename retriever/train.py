@@ -230,6 +230,7 @@ def train_encoder(
     max_steps: int = -1,
     checkpoint_dir: Path | None = None,
     save_steps: int = 0,
+    precision: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Fine-tune `encoder.model` in place on `pairs` and save it (sentence-transformers format) to `out_dir`.
@@ -245,11 +246,11 @@ def train_encoder(
     if not pairs:
         raise UserError("no training pairs")
     model = encoder.model
-    model.to(torch.float32)  # master weights in fp32; mixed precision on GPU comes from the trainer
+    model.to(torch.float32)  # master weights in fp32; mixed precision is the trainer's autocast
     dataset = to_dataset(pairs)
     loss = make_loss(model, temperature, encoder.similarity, mini_batch_size)
     cuda = torch.cuda.is_available() and device != "cpu"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    amp = resolve_precision(precision, cuda)
     prompts = {}
     if encoder.query_prefix:
         prompts["anchor"] = encoder.query_prefix
@@ -270,6 +271,7 @@ def train_encoder(
             encoder.query_prefix,
             encoder.passage_prefix,
         ]
+        + ([precision] if precision != "auto" else [])  # keeps resuming checkpoints made before the option
     )
     resume = _resumable_checkpoint(checkpoint_dir, key) if checkpoint_dir and save_steps > 0 else None
     with contextlib.ExitStack() as stack:
@@ -299,8 +301,8 @@ def train_encoder(
             save_total_limit=1,
             report_to="none",
             use_cpu=not cuda,
-            bf16=bf16,
-            fp16=cuda and not bf16,
+            bf16=amp == "bf16",
+            fp16=amp == "fp16",
             disable_tqdm=not progress,
             dataloader_num_workers=0,
             prompts=prompts or None,
@@ -328,6 +330,17 @@ def train_encoder(
         "loss_log": history,
         "pairs": len(pairs),
     }
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """The autocast dtype of retriever training: `bf16`, `fp16` or `fp32` (see retriever.finetune.precision)."""
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise UserError("retriever.finetune.precision=fp16 needs a GPU; on CPU use bf16 or fp32")
+    return precision
 
 
 _KEY_FILE = "retriever_train_key.json"
@@ -430,6 +443,7 @@ def run(cfg, progress: bool = True) -> dict:
         max_steps=ft.max_steps or -1,
         checkpoint_dir=run_dir / "retriever_checkpoints",
         save_steps=ft.save_steps,
+        precision=ft.precision,
         progress=progress,
     )
     # Reload from disk: the saved folder is what users will load, and its fingerprint is what indexes record.

@@ -39,7 +39,8 @@ def _setup(root, n_docs, splits=None, extra=()):
     return cfg, overrides, encoder
 
 
-def test_tiny_finetuning_lowers_infonce_and_raises_accuracy(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: CPU autocast, as on GPUs
+def test_tiny_finetuning_lowers_infonce_and_raises_accuracy(tmp_path, precision):
     cfg, _, encoder = _setup(tmp_path, 40, splits="train")
     store = SegmentStore.open(tmp_path / "run" / "store")
     pairs = T.training_examples(tmp_path / "run" / "store")
@@ -51,7 +52,14 @@ def test_tiny_finetuning_lowers_infonce_and_raises_accuracy(tmp_path):
     loss_before = T.infonce_loss(encoder, train_pairs)
 
     stats = T.train_encoder(
-        encoder, train_pairs, out_dir=tmp_path / "tuned", lr=1e-3, epochs=8, batch_size=16, progress=False
+        encoder,
+        train_pairs,
+        out_dir=tmp_path / "tuned",
+        lr=1e-3,
+        epochs=8,
+        batch_size=16,
+        precision=precision,
+        progress=False,
     )
     assert stats["steps"] > 0 and stats["steps_per_s"] > 0
     tuned = Encoder.load(str(tmp_path / "tuned"), device="cpu")
@@ -65,6 +73,14 @@ def test_tiny_finetuning_lowers_infonce_and_raises_accuracy(tmp_path):
     assert loss_after < loss_before - 1.0, (loss_before, loss_after)
     assert after["top1_accuracy"] > before["top1_accuracy"] + 0.3, (before, after)
     assert after["top5_accuracy"] > before["top5_accuracy"] + 0.2, (before, after)
+
+
+def test_precision_rules():
+    assert T.resolve_precision("auto", cuda=False) == "fp32"
+    assert T.resolve_precision("bf16", cuda=False) == "bf16"
+    assert T.resolve_precision("fp32", cuda=True) == "fp32"
+    with pytest.raises(UserError, match="needs a GPU"):
+        T.resolve_precision("fp16", cuda=False)
 
 
 def test_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
