@@ -14,6 +14,10 @@
 5. Saves the model atomically to `run_dir/retriever/` (use it with retriever.model=<run_dir>/retriever).
 6. Re-embeds the store with the new encoder (into `run_dir` when `retriever.finetune.reindex`, else
    into a scratch folder) and evaluates again → "after"; writes `run_dir/logs/retriever_train.json`.
+
+Before and after are measured twice: with the index as configured (`index.nprobe`, what the QA system
+gets) and with every IVF list searched (what the encoder alone gets; up to 200k segments). On the
+2,528 SQuAD paragraphs (IVF64, nprobe 16) the two differ by about one point of top-5 accuracy.
 """
 
 from __future__ import annotations
@@ -375,6 +379,23 @@ def evaluate(retriever: Retriever, examples: list[QAExample], ks=EVAL_KS, batch:
     return retrieval_metrics(examples, hits, ks)
 
 
+# Above this many segments the every-list evaluation is skipped: it costs a brute-force search per question.
+EXHAUSTIVE_EVAL_MAX_SEGMENTS = 200_000
+
+
+def evaluate_exhaustive(retriever: Retriever, examples: list[QAExample]) -> dict | None:
+    """Metrics with every IVF list visited: the encoder without the IVF approximation (a Flat index, or
+    nprobe >= nlist, gives the same numbers as `evaluate`). None for indexes too big to search this way."""
+    if retriever.index.ntotal > EXHAUSTIVE_EVAL_MAX_SEGMENTS:
+        return None
+    saved = retriever.nprobe
+    retriever.nprobe = max(saved, retriever.index.nlist)
+    try:
+        return evaluate(retriever, examples)
+    finally:
+        retriever.nprobe = saved
+
+
 def eval_examples(store_dir: Path, split: str, limit: int) -> list[QAExample]:
     if split not in ("dev", "test"):
         raise UserError(
@@ -422,6 +443,7 @@ def run(cfg, progress: bool = True) -> dict:
     encoder = Encoder.from_config(cfg, dtype="float32")
     before_ret = retriever_over(cfg, encoder, store, run_dir, progress)
     before = evaluate(before_ret, eval_set)
+    before_all = evaluate_exhaustive(before_ret, eval_set)
     log.info("before: %s", _fmt(before))
     negatives = mine_hard_negatives(before_ret, pairs, ft.hard_negatives, cfg, seed=cfg.seed)
     train_pairs = make_pairs(pairs, negatives)
@@ -451,10 +473,11 @@ def run(cfg, progress: bool = True) -> dict:
     loss_after = infonce_loss(tuned, loss_sample, ft.temperature, ft.batch_size)
     if ft.reindex:
         after_ret = retriever_over(cfg, tuned, store, run_dir, progress)
-        after = evaluate(after_ret, eval_set)
+        after, after_all = evaluate(after_ret, eval_set), evaluate_exhaustive(after_ret, eval_set)
     else:
         with tempfile.TemporaryDirectory(prefix="retriever-eval-") as scratch:
-            after = evaluate(retriever_over(cfg, tuned, store, Path(scratch), progress), eval_set)
+            after_ret = retriever_over(cfg, tuned, store, Path(scratch), progress)
+            after, after_all = evaluate(after_ret, eval_set), evaluate_exhaustive(after_ret, eval_set)
     log.info("after:  %s", _fmt(after))
     report = {
         "model_in": cfg.retriever.model,
@@ -468,6 +491,10 @@ def run(cfg, progress: bool = True) -> dict:
         "train": stats,
         "before": before,
         "after": after,
+        "nprobe": cfg.index.nprobe,
+        # every IVF list visited: what the encoder alone achieves (None when the index is too big)
+        "before_all_lists": before_all,
+        "after_all_lists": after_all,
         "reindexed": ft.reindex,
         "config": to_dict(cfg),
     }
@@ -493,6 +520,10 @@ def main(argv=None) -> int:
     print(f"{report['eval_split']} ({report['before']['n']} questions)")
     print(f"  before: {_fmt(report['before'])}")
     print(f"  after:  {_fmt(report['after'])}")
+    if report["before_all_lists"] and report["after_all_lists"]:
+        print("  every IVF list searched (the encoder without the index's approximation):")
+        print(f"  before: {_fmt(report['before_all_lists'])}")
+        print(f"  after:  {_fmt(report['after_all_lists'])}")
     print(f"model: {report['model_out']}  (use retriever.model={report['model_out']})")
     print(json.dumps({"before": report["before"], "after": report["after"]}))
     return 0

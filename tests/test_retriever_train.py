@@ -158,6 +158,7 @@ def test_train_command_uses_train_split_only_and_reindexes(tmp_path, monkeypatch
     assert report["eval_split"] == "test" and report["before"]["n"] == len(load_qa(store_dir, "test"))
     assert {"top1_accuracy", "top5_accuracy", "top20_accuracy", "mrr@10", "recall@5"} <= set(report["after"])
     assert report["train"]["steps"] >= 1 and report["infonce_loss_after"] < report["infonce_loss_before"]
+    assert report["after_all_lists"] == report["after"]  # a Flat index: searching every list changes nothing
     # the index was rebuilt with the fine-tuned encoder, which `retriever.model=<run_dir>/retriever` loads
     manifest = read_manifest(tmp_path / "run" / "index")
     assert manifest["encoder"]["fingerprint"] == report["encoder_fingerprint"]
@@ -165,6 +166,23 @@ def test_train_command_uses_train_split_only_and_reindexes(tmp_path, monkeypatch
     assert len(Retriever.from_config(tuned_cfg).search("What is the capital of ?", 3)) == 3
     with pytest.raises(UserError, match="was built with encoder"):
         Retriever.from_config(cfg)  # the off-the-shelf encoder no longer matches the rebuilt index
+
+
+def test_exhaustive_evaluation_searches_every_ivf_list(tmp_path):
+    cfg, _, encoder = _setup(
+        tmp_path, 60, extra=["index.factory=IVF{nlist},Flat", "index.nlist=8", "index.nprobe=1"]
+    )
+    store = SegmentStore.open(tmp_path / "run" / "store")
+    examples = [ex for ex, _ in T.training_examples(tmp_path / "run" / "store")]
+    ivf = T.retriever_over(cfg, encoder, store, tmp_path / "run", progress=False)
+    flat_cfg = load_config(
+        None, [f"run_dir={tmp_path / 'flat'}", "index.factory=Flat", f"retriever.model={cfg.retriever.model}"]
+    )
+    flat = T.retriever_over(flat_cfg, encoder, store, tmp_path / "flat", progress=False)
+    exact = T.evaluate(flat, examples)
+    assert T.evaluate_exhaustive(ivf, examples) == exact
+    assert ivf.nprobe == 1  # restored
+    assert T.evaluate(ivf, examples)["top20_accuracy"] < exact["top20_accuracy"]  # 1 of 8 lists misses some
 
 
 def test_train_command_refuses_training_split_for_evaluation(tmp_path):
