@@ -131,6 +131,7 @@ def ensure_index(
     index_dir = Path(run_dir) / "index"
     checks = {
         "encoder_fingerprint": encoder.fingerprint,
+        "encoder_name": encoder.info.name,
         "dim": encoder.dim,
         "store_fingerprint": store.fingerprint,
         "use_gpu": cfg.index.use_gpu,

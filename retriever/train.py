@@ -444,7 +444,7 @@ def run(cfg, progress: bool = True) -> dict:
     before_ret = retriever_over(cfg, encoder, store, run_dir, progress)
     before = evaluate(before_ret, eval_set)
     before_all = evaluate_exhaustive(before_ret, eval_set)
-    log.info("before: %s", _fmt(before))
+    log.info("before: %s", format_metrics(before))
     negatives = mine_hard_negatives(before_ret, pairs, ft.hard_negatives, cfg, seed=cfg.seed)
     train_pairs = make_pairs(pairs, negatives)
     loss_sample = train_pairs[: max(1, ft.loss_pairs)]
@@ -478,7 +478,7 @@ def run(cfg, progress: bool = True) -> dict:
         with tempfile.TemporaryDirectory(prefix="retriever-eval-") as scratch:
             after_ret = retriever_over(cfg, tuned, store, Path(scratch), progress)
             after, after_all = evaluate(after_ret, eval_set), evaluate_exhaustive(after_ret, eval_set)
-    log.info("after:  %s", _fmt(after))
+    log.info("after:  %s", format_metrics(after))
     report = {
         "model_in": cfg.retriever.model,
         "model_out": str(out_dir),
@@ -502,7 +502,7 @@ def run(cfg, progress: bool = True) -> dict:
     return report
 
 
-def _fmt(m: dict) -> str:
+def format_metrics(m: dict) -> str:
     keys = [f"top{k}_accuracy" for k in EVAL_KS] + ["gold_doc_hit@5", "recall@5", "mrr@10"]
     return "  ".join(f"{k}={m[k]:.3f}" for k in keys if m.get(k) is not None)
 
@@ -518,12 +518,12 @@ def main(argv=None) -> int:
         f"{report['infonce_loss_after']:.3f}"
     )
     print(f"{report['eval_split']} ({report['before']['n']} questions)")
-    print(f"  before: {_fmt(report['before'])}")
-    print(f"  after:  {_fmt(report['after'])}")
+    print(f"  before: {format_metrics(report['before'])}")
+    print(f"  after:  {format_metrics(report['after'])}")
     if report["before_all_lists"] and report["after_all_lists"]:
         print("  every IVF list searched (the encoder without the index's approximation):")
-        print(f"  before: {_fmt(report['before_all_lists'])}")
-        print(f"  after:  {_fmt(report['after_all_lists'])}")
+        print(f"  before: {format_metrics(report['before_all_lists'])}")
+        print(f"  after:  {format_metrics(report['after_all_lists'])}")
     print(f"model: {report['model_out']}  (use retriever.model={report['model_out']})")
     print(json.dumps({"before": report["before"], "after": report["after"]}))
     return 0

@@ -330,7 +330,7 @@ def test_size_section_matches_the_files(tiny):
     assert "| faiss index |" in size.to_markdown(r)
 
 
-def test_bench_reads_a_run_dir_of_its_own_not_a_stale_index_in_run_dir(tiny):
+def test_bench_reads_a_run_dir_of_its_own_not_a_stale_index_in_run_dir(tiny, caplog):
     # Regression: `make bench` after scripts/compare.sh failed in qa_latency, because run_dir/index had been
     # rebuilt with the fine-tuned encoder while retriever.model still named the packaged one.
     import copy
@@ -349,7 +349,10 @@ def test_bench_reads_a_run_dir_of_its_own_not_a_stale_index_in_run_dir(tiny):
     manifest = json.loads(manifest_file.read_text())
     manifest["encoder"]["fingerprint"] = "another-encoder"
     manifest_file.write_text(json.dumps(manifest))
-    assert Path(prepare_run_dir(copy.deepcopy(tiny))) == run
+    with caplog.at_level("INFO", logger="retriever.index"):
+        assert Path(prepare_run_dir(copy.deepcopy(tiny))) == run
+    # regression: the rebuild's reason named retriever.model=`None`
+    assert f"retriever.model=`{tiny.retriever.model}`" in caplog.text
     assert index_file.stat().st_mtime_ns != built  # an index of another encoder is rebuilt
     assert json.loads(manifest_file.read_text())["encoder"]["fingerprint"] != "another-encoder"
     explicit = copy.deepcopy(tiny)

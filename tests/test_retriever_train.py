@@ -185,6 +185,28 @@ def test_exhaustive_evaluation_searches_every_ivf_list(tmp_path):
     assert T.evaluate(ivf, examples)["top20_accuracy"] < exact["top20_accuracy"]  # 1 of 8 lists misses some
 
 
+def test_evaluate_command_reports_both_searches_and_never_rebuilds(tmp_path, capsys):
+    from retriever import evaluate as E
+
+    extra = ["index.factory=IVF{nlist},Flat", "index.nlist=8", "index.nprobe=1", "data.split=test"]
+    cfg, overrides, encoder = _setup(tmp_path, 60, splits="test", extra=extra)
+    store = SegmentStore.open(tmp_path / "run" / "store")
+    ivf = T.retriever_over(cfg, encoder, store, tmp_path / "run", progress=False)
+    examples = load_qa(tmp_path / "run" / "store", "test")
+    assert E.main(overrides) == 0
+    report = json.loads((tmp_path / "run" / "logs" / "retriever_eval.json").read_text())
+    assert report["metrics"] == T.evaluate(ivf, examples) and report["metrics"]["n"] == len(examples)
+    assert report["all_lists"] == T.evaluate_exhaustive(ivf, examples)
+    assert "every list" in capsys.readouterr().out
+    index_file = tmp_path / "run" / "index" / "index.faiss"
+    built = index_file.stat().st_mtime_ns
+    docs, _ = toy_documents(60)
+    make_tiny_encoder(tmp_path / "other", words_of([d.title + " " + d.text for d in docs]), seed=1)
+    with pytest.raises(UserError, match="was built with encoder"):
+        E.main([*overrides, f"retriever.model={tmp_path / 'other'}"])
+    assert index_file.stat().st_mtime_ns == built  # refused, not rebuilt
+
+
 def test_train_command_refuses_training_split_for_evaluation(tmp_path):
     _, overrides, _ = _setup(tmp_path, 5, extra=["data.split=train"])
     with pytest.raises(UserError, match="data.split=dev or test"):
