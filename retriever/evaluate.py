@@ -20,7 +20,7 @@ from configs.cli import build_parser, parse, run_main
 from configs.loader import to_dict
 from data_prep.atomic import atomic_write_json
 from retriever.search import Retriever
-from retriever.train import eval_examples, evaluate, evaluate_exhaustive, format_metrics
+from retriever.train import eval_examples, evaluate_both, format_metrics
 
 
 def run(cfg) -> dict:
@@ -28,13 +28,14 @@ def run(cfg) -> dict:
     run_dir = Path(cfg.run_dir)
     examples = eval_examples(run_dir / "store", cfg.data.split, cfg.retriever.finetune.eval_limit)
     retriever = Retriever.from_config(cfg)
+    metrics, all_lists = evaluate_both(retriever, examples)
     report = {
         "model": cfg.retriever.model,
         "split": cfg.data.split,
         "nprobe": retriever.nprobe,
         "nlist": retriever.index.nlist,
-        "metrics": evaluate(retriever, examples),
-        "all_lists": evaluate_exhaustive(retriever, examples),
+        "metrics": metrics,
+        "all_lists": all_lists,
         "config": to_dict(cfg),
     }
     atomic_write_json(run_dir / "logs" / "retriever_eval.json", report)

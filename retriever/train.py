@@ -396,6 +396,14 @@ def evaluate_exhaustive(retriever: Retriever, examples: list[QAExample]) -> dict
         retriever.nprobe = saved
 
 
+def evaluate_both(retriever: Retriever, examples: list[QAExample]) -> tuple[dict, dict | None]:
+    """(`evaluate`, `evaluate_exhaustive`) without searching twice when nprobe already covers every list."""
+    metrics = evaluate(retriever, examples)
+    if retriever.index.nlist <= retriever.nprobe and retriever.index.ntotal <= EXHAUSTIVE_EVAL_MAX_SEGMENTS:
+        return metrics, metrics
+    return metrics, evaluate_exhaustive(retriever, examples)
+
+
 def eval_examples(store_dir: Path, split: str, limit: int) -> list[QAExample]:
     if split not in ("dev", "test"):
         raise UserError(
@@ -442,8 +450,7 @@ def run(cfg, progress: bool = True) -> dict:
 
     encoder = Encoder.from_config(cfg, dtype="float32")
     before_ret = retriever_over(cfg, encoder, store, run_dir, progress)
-    before = evaluate(before_ret, eval_set)
-    before_all = evaluate_exhaustive(before_ret, eval_set)
+    before, before_all = evaluate_both(before_ret, eval_set)
     log.info("before: %s", format_metrics(before))
     negatives = mine_hard_negatives(before_ret, pairs, ft.hard_negatives, cfg, seed=cfg.seed)
     train_pairs = make_pairs(pairs, negatives)
@@ -473,11 +480,11 @@ def run(cfg, progress: bool = True) -> dict:
     loss_after = infonce_loss(tuned, loss_sample, ft.temperature, ft.batch_size)
     if ft.reindex:
         after_ret = retriever_over(cfg, tuned, store, run_dir, progress)
-        after, after_all = evaluate(after_ret, eval_set), evaluate_exhaustive(after_ret, eval_set)
+        after, after_all = evaluate_both(after_ret, eval_set)
     else:
         with tempfile.TemporaryDirectory(prefix="retriever-eval-") as scratch:
             after_ret = retriever_over(cfg, tuned, store, Path(scratch), progress)
-            after, after_all = evaluate(after_ret, eval_set), evaluate_exhaustive(after_ret, eval_set)
+            after, after_all = evaluate_both(after_ret, eval_set)
     log.info("after:  %s", format_metrics(after))
     report = {
         "model_in": cfg.retriever.model,
