@@ -114,7 +114,8 @@ class RetrieverConfig:
 class IndexConfig:
     factory: str = opt("IVF{nlist},Flat", "faiss factory string; `{nlist}` is filled in (e.g. `Flat`, `IVF{nlist},SQ8`)")
     nlist: int = opt(0, "IVF lists (0 = about 4*sqrt(N), capped so each centroid has >= 39 training points)")
-    nprobe: int = opt(16, "IVF lists visited per query")
+    nprobe: int = opt(0, "IVF lists visited per query (0 = automatic: enough lists to scan ~20k vectors, at "
+                         "least 16; every list of a corpus under ~20k segments)")
     embed_dtype: str = opt("float16", "dtype of the stored embedding matrix", choices=("float16", "float32"))
     shard_size: int = opt(4096, "segments per embedding shard (the unit of resume)")
     train_sample: int = opt(0, "vectors used to train the IVF quantizer (0 = min(N, 256 * nlist))")

@@ -208,7 +208,7 @@ def run_config(
         else {
             "factory": retriever.manifest.get("factory"),
             "ntotal": retriever.manifest.get("ntotal"),
-            "nprobe": cfg.index.nprobe,
+            "nprobe": retriever.nprobe,
             "sha256": retriever.manifest.get("sha256"),
         },
         "checkpoint": str(ckpt) if ckpt else None,

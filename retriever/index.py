@@ -106,7 +106,8 @@ def build_index(
             "encoder": encoder.info.to_dict(),
             "store_fingerprint": store.fingerprint,
             "factory_template": cfg.index.factory,
-            "nprobe": cfg.index.nprobe,
+            # the lists a search visits by default (index.nprobe, 0 resolved for this size)
+            "nprobe": index.resolve_nprobe(cfg.index.nprobe),
             "max_id": len(store) - 1,
             "embed_dtype": cfg.index.embed_dtype,
             "embed_seconds": round(t_embed, 3),

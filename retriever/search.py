@@ -66,7 +66,7 @@ class Retriever:
         manifest: dict,
         store: SegmentStore,
         run_dir: Path,
-        nprobe: int = 16,
+        nprobe: int = 0,
         window: int = 288,
         stride: int = 64,
         use_gpu: str = "auto",
@@ -76,7 +76,7 @@ class Retriever:
         self.manifest = manifest
         self.store = store
         self.run_dir = Path(run_dir)
-        self.nprobe = nprobe
+        self.nprobe_setting = nprobe  # index.nprobe as configured (0 = automatic)
         self.window = window
         self.stride = stride
         self.use_gpu = use_gpu
@@ -134,6 +134,11 @@ class Retriever:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    @property
+    def nprobe(self) -> int:
+        """IVF lists a search visits now (`index.nprobe`, 0 resolved for the index's current size)."""
+        return self.index.resolve_nprobe(self.nprobe_setting)
+
     def search(self, query: str, k: int) -> list[Hit]:
         """The k best segments for one question, best first."""
         return self.batch_search([query], k)[0]
@@ -154,7 +159,7 @@ class Retriever:
         """Raw top-k for (n, dim) query embeddings → (scores (n, k), ids (n, k), -1 where missing)."""
         if k < 1:
             raise UserError(f"k must be >= 1, got {k}")
-        return self.index.search(query_vectors, k, nprobe=self.nprobe)
+        return self.index.search(query_vectors, k, nprobe=self.nprobe_setting)
 
     def to_hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         with self._lock:

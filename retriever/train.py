@@ -388,12 +388,12 @@ def evaluate_exhaustive(retriever: Retriever, examples: list[QAExample]) -> dict
     nprobe >= nlist, gives the same numbers as `evaluate`). None for indexes too big to search this way."""
     if retriever.index.ntotal > EXHAUSTIVE_EVAL_MAX_SEGMENTS:
         return None
-    saved = retriever.nprobe
-    retriever.nprobe = max(saved, retriever.index.nlist)
+    saved = retriever.nprobe_setting
+    retriever.nprobe_setting = retriever.index.nlist
     try:
         return evaluate(retriever, examples)
     finally:
-        retriever.nprobe = saved
+        retriever.nprobe_setting = saved
 
 
 def evaluate_both(retriever: Retriever, examples: list[QAExample]) -> tuple[dict, dict | None]:
@@ -498,7 +498,7 @@ def run(cfg, progress: bool = True) -> dict:
         "train": stats,
         "before": before,
         "after": after,
-        "nprobe": cfg.index.nprobe,
+        "nprobe": after_ret.nprobe,
         # every IVF list visited: what the encoder alone achieves (None when the index is too big)
         "before_all_lists": before_all,
         "after_all_lists": after_all,

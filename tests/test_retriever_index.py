@@ -9,7 +9,9 @@ import pytest
 
 from configs.errors import UserError
 from retriever.faiss_index import (
+    AUTO_NPROBE_SCAN,
     FaissIndex,
+    auto_nprobe,
     default_nlist,
     expand_factory,
     load_index_dir,
@@ -43,6 +45,37 @@ def test_default_nlist_rule():
     assert default_nlist(1_000_000) == 4000  # 4·√N
     assert expand_factory("IVF{nlist},PQ48", 181) == "IVF181,PQ48"
     assert expand_factory("Flat", 181) == "Flat"
+
+
+def test_auto_nprobe_rule():
+    assert auto_nprobe(64, 2528) == 64  # a small corpus: every list
+    assert auto_nprobe(4000, 1_000_000) == 80  # 250 per list: 80 lists scan 20k vectors
+    assert auto_nprobe(12_649, 10_000_000) == 26  # ceil(20_000 / 790.6)
+    assert auto_nprobe(4000, 100_000_000) == 16  # never fewer than 16 lists
+    assert auto_nprobe(8, 0) == 8
+    assert auto_nprobe(0, 1000) == 0  # not an IVF index
+
+
+def test_auto_nprobe_searches_every_list_of_a_small_index(data):
+    """index.nprobe=0 (the default) on a corpus far below AUTO_NPROBE_SCAN gives exact results; a fixed
+    nprobe 1 does not (so the test sees the difference)."""
+    x, q = data
+    assert len(x) < AUTO_NPROBE_SCAN
+    index = _ivf(x, nlist=32)
+    assert index.resolve_nprobe(0) == 32
+    assert index.resolve_nprobe(100) == 32  # capped at nlist
+    assert index.resolve_nprobe(3) == 3
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    _, auto = index.search(q, 10, nprobe=0)
+    np.testing.assert_array_equal(auto, exact)
+    _, one = index.search(q, 10, nprobe=1)
+    assert (one != exact).any()
+    with pytest.raises(UserError, match="index.nprobe must be >= 0"):
+        index.search(q, 10, nprobe=-1)
+    flat = FaissIndex.create("Flat", x.shape[1], use_gpu="false")
+    flat.add(x, np.arange(len(x)))
+    assert flat.resolve_nprobe(0) == 0
+    np.testing.assert_array_equal(flat.search(q, 10, nprobe=0)[1], exact)
 
 
 def test_flat_is_exact_and_ids_are_kept(data):
