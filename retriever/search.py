@@ -115,7 +115,16 @@ class Retriever:
                     built[key],
                     getattr(encoder.info, key),
                 )
-        retriever = cls(
+        retriever = cls.configured(cfg, encoder=encoder, index=index, manifest=manifest, store=store, run_dir=run_dir)
+        retriever._load_live()
+        return retriever
+
+    @classmethod
+    def configured(
+        cls, cfg, *, encoder: Encoder, index: FaissIndex, manifest: dict, store: SegmentStore, run_dir: Path
+    ) -> Retriever:
+        """A Retriever over an index already opened, with the search settings of `cfg` (index.*, data.*)."""
+        return cls(
             encoder=encoder,
             index=index,
             manifest=manifest,
@@ -126,8 +135,6 @@ class Retriever:
             stride=cfg.data.stride,
             use_gpu=cfg.index.use_gpu,
         )
-        retriever._load_live()
-        return retriever
 
     # ------------------------------------------------------------------ search
 

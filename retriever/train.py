@@ -420,17 +420,7 @@ def retriever_over(
 ) -> Retriever:
     """Embed + index `store` with `encoder` into `out_dir` (reused when it already matches) and open it."""
     index, manifest = ensure_index(cfg, encoder=encoder, store=store, run_dir=out_dir, progress=progress)
-    return Retriever(
-        encoder=encoder,
-        index=index,
-        manifest=manifest,
-        store=store,
-        run_dir=out_dir,
-        nprobe=cfg.index.nprobe,
-        window=cfg.data.window,
-        stride=cfg.data.stride,
-        use_gpu=cfg.index.use_gpu,
-    )
+    return Retriever.configured(cfg, encoder=encoder, index=index, manifest=manifest, store=store, run_dir=out_dir)
 
 
 def run(cfg, progress: bool = True) -> dict:
