@@ -97,6 +97,29 @@ class RetrieverFinetuneConfig:
 
 
 @dataclass
+class HybridConfig:
+    enabled: bool = opt(
+        False,
+        "fuse BM25 (lexical) with the dense search; run_dir/bm25 is built from the store on first use. Helps "
+        "questions that share rare words with their passage (SQuAD-style)",
+    )
+    weight: float = opt(
+        0.5,
+        "weight of BM25 in the fusion, 0..1 (0 = the dense ranking, 1 = the BM25 ranking; 0.5 was best on the "
+        "SQuAD dev articles, see README)",
+    )
+    fusion: str = opt(
+        "linear",
+        "linear: per-question min-max normalised (1 - weight) * dense + weight * bm25 (DPR's hybrid); "
+        "rrf: reciprocal rank fusion with the same weights",
+        choices=("linear", "rrf"),
+    )
+    depth: int = opt(100, "candidates taken from each of the dense and the BM25 search before fusing")
+    k1: float = opt(0.9, "BM25 term-frequency saturation k1")
+    b: float = opt(0.4, "BM25 length normalisation b (0 = none, 1 = full)")
+
+
+@dataclass
 class RetrieverConfig:
     model: str = opt("embedded:minilm-l6", "bi-encoder: `embedded:minilm-l6`, a hub id or a local path")
     top_k: int = opt(1, "segments per question")
@@ -108,6 +131,7 @@ class RetrieverConfig:
     dtype: str = opt("auto", "encoder dtype: auto (fp16 on GPU, fp32 on CPU), float32, bfloat16, float16",
                      choices=("auto", "float32", "bfloat16", "float16"))
     finetune: RetrieverFinetuneConfig = field(default_factory=RetrieverFinetuneConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def setups(
                 "model": cfg.retriever.model,
                 "encoder": retriever.encoder.fingerprint,
                 "index": retriever.manifest.get("sha256"),
-                "nprobe": retriever.nprobe,
+                **retriever.search_settings,
                 "query_prefix": cfg.retriever.query_prefix,
                 "live": sha256_file(live) if live.is_file() else None,
             }

@@ -235,6 +235,13 @@ def final_dev_em(train_log: str | None) -> dict | None:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def _hybrid_note(hybrid: dict | None) -> str:
+    """How the dense ranking was fused with BM25 ('' when it was not)."""
+    if not hybrid:
+        return ""
+    return f", fused with BM25 k1 {hybrid['k1']} b {hybrid['b']}: {hybrid['fusion']}, weight {hybrid['weight']}"
+
+
 def _setup_lines(m: dict) -> list[str]:
     c = m["config"]
     index = c.get("index")
@@ -251,7 +258,7 @@ def _setup_lines(m: dict) -> list[str]:
         f"- LM `{c['lm']}` ({c['lm_config'].get('num_hidden_layers')} layers), dtype {c['dtype']}, "
         f"greedy, at most {c['max_new_tokens']} new tokens, device `{c['device']}`",
         f"- retriever `{c['retriever']}`, index {index['factory']} ({index['ntotal']} segments, nprobe "
-        f"{index['nprobe']}), k = {c['top_k']} segments read"
+        f"{index['nprobe']}{_hybrid_note(index.get('hybrid'))}), k = {c['top_k']} segments read"
         if index
         else "- no retriever (no system retrieves)",
         f"- checkpoint `{c['checkpoint']}` (step {c['checkpoint_step']}, {c['checkpoint_created']})"

@@ -208,7 +208,7 @@ def run_config(
         else {
             "factory": retriever.manifest.get("factory"),
             "ntotal": retriever.manifest.get("ntotal"),
-            "nprobe": retriever.nprobe,
+            **retriever.search_settings,
             "sha256": retriever.manifest.get("sha256"),
         },
         "checkpoint": str(ckpt) if ckpt else None,

@@ -1,7 +1,7 @@
 """Cached top-k retrieval per question, so training and repeated evaluations do not re-encode questions.
 
 The cache file is keyed by a fingerprint of everything that decides the result: the index file's sha256,
-the encoder fingerprint, the segment store, nprobe, k and the question ids. A changed retriever or store
+the encoder fingerprint, the segment store, nprobe (and the BM25 fusion when on), k and the question ids. A changed retriever or store
 gives a new file, never a stale answer.
 """
 
@@ -26,7 +26,7 @@ def retrieval_fingerprint(retriever, k: int, question_ids: Sequence[str]) -> str
         "index": m.get("sha256"),
         "encoder": (m.get("encoder") or {}).get("fingerprint"),
         "store": m.get("store_fingerprint"),
-        "nprobe": retriever.nprobe,
+        **retriever.search_settings,
         "k": k,
         "questions": fingerprint(list(question_ids)),
         "live": len(getattr(retriever, "_live_segments", {})) + len(getattr(retriever, "_removed", ())),

@@ -4,6 +4,9 @@
     retriever.search("Who founded X?", k=5) -> list[Hit]
     retriever.batch_search(questions, k) -> list[list[Hit]]
 
+With `retriever.hybrid.enabled` the dense ranking is fused with BM25 over the store (retriever.hybrid,
+index in `run_dir/bm25`); `search_vectors` stays dense-only.
+
 Live changes (the demo's "Add documents", NeMo-RETRO style): `add_documents` segments new documents
 with data_prep's segmenter, embeds them and adds them under new ids (>= every id ever used);
 `remove_documents` / `remove_segments` drop segments by id. Changes are a small delta kept in
@@ -34,9 +37,10 @@ import pyarrow.compute as pc
 from configs.errors import UserError
 from data_prep.atomic import atomic_dir
 from data_prep.records import Document, Segment
-from data_prep.store import SegmentStore
+from data_prep.store import SegmentStore, segment_input_text
 from retriever.encoder import Encoder
 from retriever.faiss_index import FaissIndex, load_index_dir
+from retriever.hybrid import HybridSearcher
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,10 @@ class Retriever:
         window: int = 288,
         stride: int = 64,
         use_gpu: str = "auto",
+        hybrid: HybridSearcher | None = None,
     ):
         self.encoder = encoder
+        self.hybrid = hybrid  # BM25 fusion (retriever.hybrid.*), None = dense only
         self.index = index
         self.manifest = manifest
         self.store = store
@@ -121,9 +127,21 @@ class Retriever:
 
     @classmethod
     def configured(
-        cls, cfg, *, encoder: Encoder, index: FaissIndex, manifest: dict, store: SegmentStore, run_dir: Path
+        cls,
+        cfg,
+        *,
+        encoder: Encoder,
+        index: FaissIndex,
+        manifest: dict,
+        store: SegmentStore,
+        run_dir: Path,
+        bm25_dir: Path | None = None,
     ) -> Retriever:
-        """A Retriever over an index already opened, with the search settings of `cfg` (index.*, data.*)."""
+        """A Retriever over an index already opened, with the search settings of `cfg` (index.*, data.*,
+        retriever.hybrid.*: the BM25 index of `store` lives in `bm25_dir`, default run_dir/bm25)."""
+        hybrid = None
+        if cfg.retriever.hybrid.enabled:
+            hybrid = HybridSearcher.from_config(cfg.retriever.hybrid, store, Path(bm25_dir or Path(run_dir) / "bm25"))
         return cls(
             encoder=encoder,
             index=index,
@@ -134,6 +152,7 @@ class Retriever:
             window=cfg.data.window,
             stride=cfg.data.stride,
             use_gpu=cfg.index.use_gpu,
+            hybrid=hybrid,
         )
 
     # ------------------------------------------------------------------ search
@@ -145,6 +164,14 @@ class Retriever:
     def nprobe(self) -> int:
         """IVF lists a search visits now (`index.nprobe`, 0 resolved for the index's current size)."""
         return self.index.resolve_nprobe(self.nprobe_setting)
+
+    @property
+    def search_settings(self) -> dict:
+        """The settings besides index, encoder and store that decide a ranking (for cache keys)."""
+        settings = {"nprobe": self.nprobe}
+        if self.hybrid is not None:
+            settings["hybrid"] = self.hybrid.signature()
+        return settings
 
     def search(self, query: str, k: int) -> list[Hit]:
         """The k best segments for one question, best first."""
@@ -159,11 +186,17 @@ class Retriever:
                 raise UserError(f"question {i} is empty; give a non-empty question")
         if not queries:
             return []
-        scores, ids = self.search_vectors(self.encoder.encode_queries(list(queries)), k)
-        return self.to_hits(scores, ids)
+        vectors = self.encoder.encode_queries(list(queries))
+        if self.hybrid is None:
+            return self.to_hits(*self.search_vectors(vectors, k))
+        scores, ids = self.search_vectors(vectors, max(k, self.hybrid.depth))
+        with self._lock:
+            removed = set(self._removed)
+            live = {i: segment_input_text(s) for i, s in self._live_segments.items()}
+        return self.to_hits(*self.hybrid.rerank(list(queries), scores, ids, k, removed=removed, live=live))
 
     def search_vectors(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw top-k for (n, dim) query embeddings → (scores (n, k), ids (n, k), -1 where missing)."""
+        """Raw dense top-k (no BM25 fusion) for (n, dim) query embeddings → (scores (n, k), ids (n, k), -1 where missing)."""
         if k < 1:
             raise UserError(f"k must be >= 1, got {k}")
         return self.index.search(query_vectors, k, nprobe=self.nprobe_setting)
@@ -209,8 +242,6 @@ class Retriever:
 
     def add_documents(self, docs: Sequence[Document | dict]) -> list[Segment]:
         """Segment, embed and index new documents; returns their segments (with their new ids)."""
-        from data_prep.store import segment_input_text
-
         docs = [_as_document(d, i) for i, d in enumerate(docs)]
         if not docs:
             return []

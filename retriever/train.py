@@ -420,7 +420,15 @@ def retriever_over(
 ) -> Retriever:
     """Embed + index `store` with `encoder` into `out_dir` (reused when it already matches) and open it."""
     index, manifest = ensure_index(cfg, encoder=encoder, store=store, run_dir=out_dir, progress=progress)
-    return Retriever.configured(cfg, encoder=encoder, index=index, manifest=manifest, store=store, run_dir=out_dir)
+    return Retriever.configured(
+        cfg,
+        encoder=encoder,
+        index=index,
+        manifest=manifest,
+        store=store,
+        run_dir=out_dir,
+        bm25_dir=Path(cfg.run_dir) / "bm25",  # derived from the store alone: shared by before and after
+    )
 
 
 def run(cfg, progress: bool = True) -> dict:
@@ -489,6 +497,7 @@ def run(cfg, progress: bool = True) -> dict:
         "before": before,
         "after": after,
         "nprobe": after_ret.nprobe,
+        "hybrid": after_ret.search_settings.get("hybrid"),
         # every IVF list visited: what the encoder alone achieves (None when the index is too big)
         "before_all_lists": before_all,
         "after_all_lists": after_all,
