@@ -82,6 +82,12 @@ class RetrieverFinetuneConfig:
     mini_batch_size: int = opt(0, "if > 0, use the cached (GradCache) InfoNCE loss with this mini-batch size")
     temperature: float = opt(0.05, "InfoNCE temperature (sentence-transformers scale = 1 / temperature)")
     hard_negatives: int = opt(1, "hard negatives per question mined from the current index (0 = none)")
+    negatives_from: str = opt(
+        "dense",
+        "ranking the hard negatives are mined from: dense (the current index), bm25 (DPR's choice) or hybrid "
+        "(the fusion, retriever.hybrid.weight/fusion); run_dir/bm25 is built when needed",
+        choices=("dense", "bm25", "hybrid"),
+    )
     max_pairs: int = opt(0, "cap on training pairs (0 = all)")
     reindex: bool = opt(True, "after training, re-embed the store and rebuild the index with the new encoder")
     eval_limit: int = opt(2000, "questions of the evaluation split used for before/after metrics")

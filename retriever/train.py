@@ -3,9 +3,10 @@
 1. Opens `run_dir/store` and the current index (built by `retriever.index`, built here if missing).
 2. Evaluates `retriever.model` on the evaluation split (`data.split`, dev or test) → "before".
 3. Pairs every `train`-split question with its gold segment (the one that contains an answer) and
-   mines `retriever.finetune.hard_negatives` hard negatives per question from the current index:
-   the best-ranked segments that are not gold, contain no answer, and belong to train articles (so
-   no dev/test article text is ever trained on).
+   mines `retriever.finetune.hard_negatives` hard negatives per question (retriever/negatives.py): the
+   best-ranked segments of the current index (or of BM25, or the fusion: `retriever.finetune.negatives_from`)
+   that are not gold, contain no answer, and belong to train articles (so no dev/test article text is
+   ever trained on).
 4. Trains with sentence-transformers' trainer: MultipleNegativesRankingLoss (InfoNCE over in-batch
    + hard negatives, scale = 1 / temperature; the GradCache variant when `mini_batch_size` > 0) and
    the no-duplicates batch sampler (no question's positive appears as another's in-batch negative).
@@ -41,11 +42,11 @@ from configs.errors import UserError
 from configs.loader import to_dict
 from data_prep.atomic import atomic_dir, atomic_write_json, fingerprint
 from data_prep.records import QAExample, Segment
-from data_prep.split import split_of
 from data_prep.store import SegmentStore, load_qa, segment_input_text
 from retriever.encoder import Encoder
 from retriever.index import ensure_index
 from retriever.metrics import AnswerMatcher, retrieval_metrics
+from retriever.negatives import mine_hard_negatives
 from retriever.search import Retriever
 
 log = logging.getLogger(__name__)
@@ -96,68 +97,6 @@ def training_examples(store_dir: Path, max_pairs: int = 0, seed: int = 0) -> lis
     if not pairs:
         raise UserError(f"{store_dir}: no train-split question has a gold segment; nothing to fine-tune on")
     return pairs
-
-
-def mine_hard_negatives(
-    retriever: Retriever,
-    pairs: list[tuple[QAExample, Segment]],
-    n_negatives: int,
-    cfg,
-    depth: int | None = None,
-    seed: int = 0,
-) -> list[list[str]]:
-    """For each pair, the texts of the `n_negatives` best-ranked allowed segments of the current index.
-
-    Allowed: not a gold segment, contains no answer, from a train-split article. When the top `depth`
-    has too few, random allowed segments fill in (so every row has the same number of columns).
-    """
-    if n_negatives <= 0:
-        return [[] for _ in pairs]
-    depth = depth or max(20, 4 * n_negatives)
-    store = retriever.store
-    # The split rule the store was built with (its manifest records it) decides what is a train article.
-    rule = store.manifest.get("split_rule") or {}
-    split_seed = rule.get("seed", cfg.seed)
-    dev, test = rule.get("dev", cfg.data.dev_fraction), rule.get("test", cfg.data.test_fraction)
-
-    def is_train(title: str) -> bool:
-        return split_of(title, split_seed, dev, test) == "train"
-
-    vectors = retriever.encoder.encode_queries([ex.question for ex, _ in pairs], show_progress=True)
-    _, ids = retriever.search_vectors(vectors, depth)
-    rng = np.random.default_rng(seed)
-    out: list[list[str]] = []
-    n_random = 0
-    for (ex, pos), row in zip(pairs, ids):
-        gold = set(ex.gold_segment_ids) | {pos.segment_id}
-        match = AnswerMatcher(ex.answers)
-        chosen: list[str] = []
-        for seg in store.get_many([int(i) for i in row if 0 <= i < len(store) and int(i) not in gold]):
-            if not match(seg.text) and is_train(seg.title):
-                chosen.append(segment_input_text(seg))
-                if len(chosen) == n_negatives:
-                    break
-        tries = 0
-        while len(chosen) < n_negatives and tries < 100:
-            tries += 1
-            seg = store.get(int(rng.integers(len(store))))
-            text = segment_input_text(seg)
-            if (
-                seg.segment_id not in gold
-                and not match(seg.text)
-                and is_train(seg.title)
-                and text not in chosen
-            ):
-                chosen.append(text)
-                n_random += 1
-        while len(chosen) < n_negatives:  # a degenerate corpus: repeat what we have
-            chosen.append(chosen[-1] if chosen else "")
-        out.append(chosen)
-    if n_random:
-        log.info(
-            "hard negatives: %d of %d filled with random train segments", n_random, len(pairs) * n_negatives
-        )
-    return out
 
 
 def make_pairs(pairs: list[tuple[QAExample, Segment]], negatives: list[list[str]]) -> list[TrainPair]:
@@ -450,7 +389,9 @@ def run(cfg, progress: bool = True) -> dict:
     before_ret = retriever_over(cfg, encoder, store, run_dir, progress)
     before, before_all = evaluate_both(before_ret, eval_set)
     log.info("before: %s", format_metrics(before))
-    negatives = mine_hard_negatives(before_ret, pairs, ft.hard_negatives, cfg, seed=cfg.seed)
+    negatives = mine_hard_negatives(
+        before_ret, pairs, ft.hard_negatives, cfg, source=ft.negatives_from, seed=cfg.seed
+    )
     train_pairs = make_pairs(pairs, negatives)
     loss_sample = train_pairs[: max(1, ft.loss_pairs)]
     loss_before = infonce_loss(encoder, loss_sample, ft.temperature, ft.batch_size)
@@ -491,6 +432,7 @@ def run(cfg, progress: bool = True) -> dict:
         "eval_split": cfg.data.split,
         "train_pairs": len(train_pairs),
         "hard_negatives": ft.hard_negatives,
+        "negatives_from": ft.negatives_from,
         "infonce_loss_before": loss_before,
         "infonce_loss_after": loss_after,
         "train": stats,

@@ -18,6 +18,7 @@ from retriever import index as index_cli
 from retriever.bm25 import BM25Index, open_store_bm25, tokenize, top_k_rows
 from retriever.encoder import Encoder
 from retriever.hybrid import fuse
+from retriever.metrics import AnswerMatcher
 from retriever.search import Retriever, tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 
@@ -259,3 +260,35 @@ def test_evaluate_sweeps_hybrid_weights(built, capsys):
         evaluate.parse_weights("0.5,2")
     with pytest.raises(UserError, match="hybrid-weights"):
         evaluate.parse_weights("a,b")
+
+
+@pytest.mark.parametrize("source", ["bm25", "hybrid"])
+def test_hard_negatives_mined_from_bm25_follow_its_ranking(built, source):
+    from retriever.negatives import mine_hard_negatives, ranked_candidates
+    from retriever.train import training_examples
+
+    root, overrides, encoder, _ = built
+    cfg = load_config(None, [*overrides, "retriever.hybrid.weight=1.0"])
+    r = Retriever.from_config(cfg, encoder=encoder)  # hybrid off: the miner opens run_dir/bm25 itself
+    pairs = training_examples(root / "run" / "store")
+    negatives = mine_hard_negatives(r, pairs, 1, cfg, source=source)
+    bm25 = BM25Index.load(root / "run" / "bm25")
+    ((_, scores),) = bm25.score_blocks([ex.question for ex, _ in pairs])
+    train_titles = {pos.title for _, pos in pairs}  # every toy article has questions
+    texts = [segment_input_text(r.store.get(i)) for i in range(len(r.store))]
+    checked = 0
+    for (ex, pos), (neg,), row in zip(pairs, negatives, scores):
+        match = AnswerMatcher(ex.answers)
+        allowed = [
+            i
+            for i in range(len(r.store))
+            if i != pos.segment_id and not match(r.store.get(i).text) and r.store.get(i).title in train_titles
+        ]
+        best = max(row[i] for i in allowed)
+        if best > 0:  # else ("Who leads X?" shares no word with other articles) random segments fill in
+            # at weight 1 the fusion is the BM25 ranking: the negative is a best-scoring allowed one (ties exist)
+            assert row[texts.index(neg)] == best
+            checked += 1
+    assert checked >= len(pairs) // 2
+    with pytest.raises(UserError, match="negatives_from"):
+        ranked_candidates(r, ["q"], 5, "sparse", cfg)
