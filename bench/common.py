@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from configs.errors import UserError
+from configs.precision import warn_if_slow_bf16
 
 
 def load_lm_template(cfg):
@@ -23,6 +24,7 @@ def load_lm_template(cfg):
 def autocast(cfg):
     """bf16 autocast on CPU when `lm.autocast_bf16` asks for it (as qa.train and eval do), else nothing."""
     if cfg.lm.autocast_bf16 and cfg.device in ("auto", "cpu") and not torch.cuda.is_available():
+        warn_if_slow_bf16("lm.autocast_bf16=true")
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -10,7 +10,8 @@ FLOPs per segment are counted from the model: 2 x (weights of every nn.Linear ou
 for the projections, plus 4 x layers x T^2 x hidden for attention scores and the weighted sum (a test
 checks the count against torch's FlopCounterMode). The peak is the best FLOP/s of an n x n x n matmul
 of the same dtype, timed right before and right after the encoder (the larger of the two is used, so
-a shared machine's load lowers the fraction rather than raising it).
+a shared machine's load lowers the fraction rather than raising it). A half dtype that this CPU has no
+native kernels for (a 512³ matmul 2x or more slower than fp32, `configs.precision`) is reported as not run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from configs.precision import SLOW_FACTOR, cpu_half_slowdown
 from data_prep.store import SegmentStore, segment_input_text
 
 log = logging.getLogger(__name__)
@@ -147,13 +149,21 @@ def run(cfg) -> dict:
     out: dict = {}
     for name in b.encode_dtypes:
         dtype = DTYPES[name]
+        key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[name]
+        if dtype != torch.float32 and (slowdown := cpu_half_slowdown(dtype)) >= SLOW_FACTOR:
+            # No native kernels: the 4096² peak matmul alone would take minutes, and nobody would encode so.
+            out[key] = {
+                "dtype": name,
+                "skipped": f"{name} matmul is {slowdown:.0f}x slower than fp32 on this CPU",
+            }
+            log.info("encoder %s skipped: %s", name, out[key]["skipped"])
+            continue
         model = base if dtype == torch.float32 else copy.deepcopy(base).to(dtype)
         peak_before = matmul_peak_flops(dtype, b.matmul_size)
         seconds = time_encoder(model, ids, b.encode_batch_size, passes)
         peak_after = matmul_peak_flops(dtype, b.matmul_size)
         peak = max(peak_before, peak_after)
         achieved = flops * len(ids) / seconds
-        key = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[name]
         out[key] = {
             "dtype": name,
             "segments_per_s": round(len(ids) / seconds, 2),
@@ -167,7 +177,7 @@ def run(cfg) -> dict:
         log.info("encoder %s: %s", name, out[key])
         if model is not base:
             del model
-    better = max(out, key=lambda k: out[k]["segments_per_s"])
+    better = max((k for k in out if "skipped" not in out[k]), key=lambda k: out[k]["segments_per_s"])
     fraction = out[better]["fraction_of_peak"]
     return {
         "goal": GOAL,
@@ -198,7 +208,9 @@ def to_markdown(r: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for key in ("fp32", "bf16", "fp16"):
-        if key in r:
+        if key in r and "skipped" in r[key]:
+            lines.append(f"| {r[key]['dtype']} | not run: {r[key]['skipped']} | | | | |")
+        elif key in r:
             d = r[key]
             mark = " **(better)**" if key == r["better_dtype"] else ""
             lines.append(

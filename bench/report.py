@@ -26,7 +26,7 @@ def headline(name: str, r: dict) -> str:
         parts = [
             f"{r[k]['dtype']} {r[k]['segments_per_s']} seg/s = {r[k]['fraction_of_peak']:.2f} of peak"
             for k in ("fp32", "bf16", "fp16")
-            if k in r
+            if k in r and "skipped" not in r[k]
         ]
         return f"{r['fraction_of_peak']:.2f} of peak ({r['better_dtype']}, the faster); " + "; ".join(parts)
     if name == "qa_latency":

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from configs.errors import UserError
+from configs.precision import warn_if_slow_bf16
 from data_prep.atomic import atomic_dir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "bfloat16":
+        warn_if_slow_bf16("lm.dtype=bfloat16", device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

@@ -35,6 +35,7 @@ from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from configs.loader import save_config
 from configs.models import load_lm
+from configs.precision import warn_if_slow_bf16
 from configs.schema import Config
 from data_prep.atomic import atomic_dir, atomic_write_json
 from data_prep.store import SegmentStore, load_qa
@@ -76,6 +77,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "logs" / "train.jsonl"
         torch.manual_seed(cfg.seed)
+        if cfg.lm.autocast_bf16 and accelerator.device.type == "cpu":
+            warn_if_slow_bf16("lm.autocast_bf16=true")
         self.lm, self.tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, str(accelerator.device), cfg.lm.dtype)
         self.template = PromptTemplate(self.tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
         self.systems = parse_systems(cfg.train.systems)

@@ -19,6 +19,7 @@ import torch
 
 from configs.errors import UserError
 from configs.models import resolve_device, resolve_encoder_path
+from configs.precision import warn_if_slow_bf16
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def resolve_encoder_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: float16 on a GPU, float32 on CPU (half precision is slow or unsupported on most CPUs)."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype == "bfloat16":
+        warn_if_slow_bf16("retriever.dtype=bfloat16", device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 

@@ -40,6 +40,7 @@ import torch
 from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from configs.loader import to_dict
+from configs.precision import warn_if_slow_bf16
 from data_prep.atomic import atomic_dir, atomic_write_json, fingerprint
 from data_prep.records import QAExample, Segment
 from data_prep.store import SegmentStore, load_qa, segment_input_text
@@ -194,6 +195,8 @@ def train_encoder(
     loss = make_loss(model, temperature, encoder.similarity, mini_batch_size)
     cuda = torch.cuda.is_available() and device != "cpu"
     amp = resolve_precision(precision, cuda)
+    if amp == "bf16" and not cuda:
+        warn_if_slow_bf16("retriever.finetune.precision=bf16")
     prompts = {}
     if encoder.query_prefix:
         prompts["anchor"] = encoder.query_prefix

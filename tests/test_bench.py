@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import encoding, qa_latency, retrieval, size, training
+from bench import encoding, qa_latency, report, retrieval, size, training
 from bench.machine import CpuSnapshot, PeakRSS, machine_record, other_cpu_share
 from bench.retrieval_scale import measure
 from configs.loader import save_config
@@ -193,13 +193,24 @@ def test_retrieval_section(tiny):
     assert "recommended" in md and "fewer than bench.fit_segments" in md
 
 
-def test_encoding_section(tiny):
+def test_encoding_section(tiny, monkeypatch):
+    monkeypatch.setattr(encoding, "cpu_half_slowdown", lambda dtype: 1.0)  # as on a CPU with native bf16
     r = encoding.run(tiny)
     assert set(r) >= {"fp32", "bf16", "fraction_of_peak", "met"}
     for key in ("fp32", "bf16"):
         assert r[key]["segments_per_s"] > 0 and r[key]["fraction_of_peak"] > 0
     assert r["fraction_of_peak"] == r[r["better_dtype"]]["fraction_of_peak"]
     assert "| float32" in encoding.to_markdown(r)
+
+
+def test_encoding_section_skips_bf16_without_native_kernels(tiny, monkeypatch):
+    """Regression: on an AVX2-only CPU the 4096² bf16 peak matmul and encoder took minutes (0.9 GFLOP/s)."""
+    monkeypatch.setattr(encoding, "cpu_half_slowdown", lambda dtype: 50.0)
+    r = encoding.run(tiny)
+    assert "skipped" in r["bf16"] and "50x slower" in r["bf16"]["skipped"]
+    assert r["better_dtype"] == "fp32" and r["fp32"]["segments_per_s"] > 0
+    assert "not run: bfloat16 matmul is 50x slower" in encoding.to_markdown(r)
+    assert "bf16" not in report.headline("encoding", r).split(";", 1)[1]
 
 
 @pytest.fixture(scope="module")
