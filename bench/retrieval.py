@@ -180,7 +180,7 @@ def run(cfg) -> dict:
             vectors,
             queries,
             truth,
-            b.nprobe_values,
+            _nprobes_of(rows),  # the same columns as the IVFFlat rows (the default nprobe included)
             k,
             repeats=min(3, b.repeats),
             seed=cfg.seed,
@@ -249,7 +249,9 @@ def to_markdown(r: dict) -> str:
         f"| Flat (exact) | – | 1.000 | {s['exact']['qps']:,} | 1.0 | {s['exact']['ms_per_query_single']} |",
     ]
     for row in ivf["by_nprobe"]:
-        mark = " **(recommended)**" if row["nprobe"] == r["recommended_nprobe"] else ""
+        marks = [" **(recommended)**"] if row["nprobe"] == r["recommended_nprobe"] else []
+        marks += [" (default, `index.nprobe=0`)"] if row["nprobe"] == ivf.get("default_nprobe") else []
+        mark = "".join(marks)
         lines.append(
             f"| {ivf['factory']} | {row['nprobe']}{mark} | {row[f'recall@{k}']:.3f} | {row['qps']:,} | "
             f"{row['speedup_vs_flat']} | {row['ms_per_query_single']} |"
@@ -278,4 +280,8 @@ def to_markdown(r: dict) -> str:
 
 
 def _nprobes(r: dict) -> list[int]:
-    return [row["nprobe"] for row in r["scale"]["ivf"]["by_nprobe"]]
+    return _nprobes_of(r["scale"]["ivf"]["by_nprobe"])
+
+
+def _nprobes_of(rows: list[dict]) -> list[int]:
+    return [row["nprobe"] for row in rows]

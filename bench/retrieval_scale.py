@@ -29,7 +29,7 @@ from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from data_prep.atomic import atomic_write_json
 from retriever.embed import Embeddings
-from retriever.faiss_index import FaissIndex, default_nlist, expand_factory
+from retriever.faiss_index import FaissIndex, auto_nprobe, default_nlist, expand_factory
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,10 @@ def measure(
             index.add(vectors[start : start + 65536], ids[start : start + 65536])
         t_add = time.perf_counter() - t0
     rows = []
-    for nprobe in nprobe_values:
+    # The automatic index.nprobe (0) resolves to this for the index: measured too, so the report shows
+    # where the default lands.
+    default_nprobe = auto_nprobe(index.nlist, n) if index.nlist else None
+    for nprobe in sorted(set(nprobe_values) | ({default_nprobe} if default_nprobe else set())):
         if index.nlist and nprobe > index.nlist:
             continue
         t = _best_time(lambda nprobe=nprobe: index.search(queries, k, nprobe=nprobe), repeats)
@@ -171,6 +174,7 @@ def measure(
             "train_s": round(t_train, 2),
             "add_s": round(t_add, 2),
             "build_memory": build_mem.as_dict(),
+            "default_nprobe": default_nprobe,
             "by_nprobe": rows,
         },
         "faiss_threads": faiss.omp_get_max_threads(),

@@ -18,7 +18,7 @@ from bench import encoding, qa_latency, report, retrieval, size, training
 from bench.machine import CpuSnapshot, PeakRSS, machine_record, other_cpu_share
 from bench.retrieval_scale import measure
 from configs.loader import save_config
-from retriever.faiss_index import FaissIndex
+from retriever.faiss_index import FaissIndex, auto_nprobe
 from tests.tiny_run import make_tiny_run
 
 
@@ -182,7 +182,12 @@ def test_fixed_length_inputs_are_full_windows(smol_tokenizer, tiny):
 def test_retrieval_section(tiny):
     r = retrieval.run(tiny)
     assert r["scale"]["n_vectors"] == 3000 and r["scale"]["queries"] == "mixture samples"
-    assert r["recommended_nprobe"] in (1, 4, 64)
+    ivf = r["scale"]["ivf"]
+    # the automatic index.nprobe is measured beside bench.nprobe_values: every list of this small index
+    assert ivf["default_nprobe"] == ivf["nlist"] == auto_nprobe(ivf["nlist"], 3000)
+    assert [row["nprobe"] for row in ivf["by_nprobe"]] == sorted({1, 4, 64, ivf["nlist"]})
+    assert [row["nprobe"] for row in r["compressed"][0]["by_nprobe"]] == [row["nprobe"] for row in ivf["by_nprobe"]]
+    assert r["recommended_nprobe"] in (1, 4, 64, ivf["nlist"])
     assert 0 <= r["ivf_recall_at_10"] <= 1 and r["ivf_speedup_vs_flat"] > 0
     assert isinstance(r["met"], bool)
     assert [v["factory"].split(",")[1] for v in r["compressed"]] == ["SQ8", "PQ8"]
@@ -191,6 +196,7 @@ def test_retrieval_section(tiny):
     assert r["fitted_segments"] < r["fit_segments_wanted"]  # the tiny run has a few dozen segments
     md = retrieval.to_markdown(r)
     assert "recommended" in md and "fewer than bench.fit_segments" in md
+    assert f"| {ivf['nlist']} (default, `index.nprobe=0`)" in md or f"{ivf['nlist']} **(recommended)** (default" in md
 
 
 def test_encoding_section(tiny, monkeypatch):
