@@ -184,6 +184,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("retriever.top_k must be >= 1")
     if cfg.knowledge_encoder.prefix_slots is not None and cfg.knowledge_encoder.prefix_slots < 0:
         raise ConfigError("knowledge_encoder.prefix_slots must be >= 0 (0 or null = segment length)")
+    hybrid = cfg.retriever.hybrid
+    # Checked even while hybrid.enabled is false, so a typo surfaces before a long run turns it on.
+    if not 0.0 <= hybrid.weight <= 1.0:
+        raise ConfigError(f"retriever.hybrid.weight must be in [0, 1], got {hybrid.weight}")
+    if hybrid.depth < 1:
+        raise ConfigError(f"retriever.hybrid.depth must be >= 1, got {hybrid.depth}")
+    if hybrid.k1 < 0 or not 0.0 <= hybrid.b <= 1.0:
+        raise ConfigError(f"retriever.hybrid.k1 must be >= 0 and b in [0, 1], got k1={hybrid.k1}, b={hybrid.b}")
 
 
 def to_dict(cfg: Any) -> dict:

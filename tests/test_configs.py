@@ -45,6 +45,16 @@ def test_choice_and_cross_field_checks():
         load_config(None, ["data.stride=400"])
 
 
+def test_hybrid_weight_out_of_range_is_refused_while_hybrid_is_off():
+    with pytest.raises(ConfigError, match="retriever.hybrid.weight"):
+        load_config(None, ["retriever.hybrid.weight=5"])
+    with pytest.raises(ConfigError, match="retriever.hybrid.depth"):
+        load_config(None, ["retriever.hybrid.depth=0"])
+    with pytest.raises(ConfigError, match="retriever.hybrid.k1"):
+        load_config(None, ["retriever.hybrid.b=1.5"])
+    assert load_config(None, ["retriever.hybrid.weight=1"]).retriever.hybrid.weight == 1.0
+
+
 def test_extends_and_overrides_in_order(tmp_path):
     (tmp_path / "base.yaml").write_text("run_dir: runs/base\ntrain:\n  lr: 0.5\n  max_steps: 7\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain:\n  lr: 0.25\n")
