@@ -3,7 +3,8 @@ dynamic prefix (computed online, or read from a prefix store) at k = 1, 3, 5.
 
 Fair by construction:
 - every system reads the same retrieved segments (one top-max(k) search per question, its first k
-  used), so retrieval time (reported separately) is left out of every total;
+  used), so retrieval time (reported separately, dense and BM25 hybrid side by side) is left out of
+  every total;
 - every system generates exactly `bench.qa_answer_tokens` tokens (no stop token), greedily, with the
   KV cache (`qa.generate.greedy_generate`), at the same batch size, after untimed warm-up batches;
 - the systems are interleaved question by question in a rotating order, so a load change on a shared
@@ -156,12 +157,50 @@ def _time_variant(qa, batcher: Batcher, variant: Variant, examples: list[Example
     }
 
 
+def time_retrieval(cfg, texts: list[str], k: int) -> tuple[list, dict[str, float]]:
+    """Per-question search time of the dense retriever and of the BM25 hybrid, side by side.
+
+    Both share one encoder, faiss index and store; only `retriever.hybrid.enabled` differs (the hybrid
+    builds `run_dir/bm25` once when it is missing). Questions are searched one at a time, the two
+    retrievers alternating which goes first, after one untimed warm-up each. Returns the configured
+    retriever's hits (what every system reads) and {"dense": ms, "hybrid": ms} per question.
+    """
+    from retriever.search import Retriever
+
+    configured = Retriever.from_config(cfg)
+    other_cfg = to_dict(cfg)
+    other_cfg["retriever"]["hybrid"]["enabled"] = not cfg.retriever.hybrid.enabled
+    other = Retriever.configured(
+        config_from_dict(other_cfg, "bench retrieval config"),
+        encoder=configured.encoder,
+        index=configured.index,
+        manifest=configured.manifest,
+        store=configured.store,
+        run_dir=configured.run_dir,
+    )
+    hybrid, dense = (configured, other) if cfg.retriever.hybrid.enabled else (other, configured)
+    seconds = {"dense": 0.0, "hybrid": 0.0}
+    for r in (dense, hybrid):
+        r.search(texts[0], k)  # warm-up
+    hits = []
+    for i, q in enumerate(texts):
+        order = (
+            (("dense", dense), ("hybrid", hybrid)) if i % 2 == 0 else (("hybrid", hybrid), ("dense", dense))
+        )
+        for name, r in order:
+            t0 = time.perf_counter()
+            got = r.search(q, k)
+            seconds[name] += time.perf_counter() - t0
+            if r is configured:
+                hits.append(got)
+    return hits, {name: s * 1e3 / len(texts) for name, s in seconds.items()}
+
+
 def run(cfg, progress: bool = True) -> dict:
     """The section's numbers (JSON-ready); see the module docstring."""
     from knowledge_encoder.backbones import build_backbone
     from qa.checkpoint import new_model
     from qa.system import QASystem
-    from retriever.search import Retriever
 
     b = cfg.bench
     t_start = time.perf_counter()
@@ -172,14 +211,10 @@ def run(cfg, progress: bool = True) -> dict:
     rows = questions(cfg, cfg.data.split, n_warm + n_timed)
     texts = [r.question for r in rows]
 
-    retriever = Retriever.from_config(cfg)
-    retriever.batch_search(texts[:1], kmax)  # warm-up
-    t0 = time.perf_counter()
-    hits = [retriever.search(q, kmax) for q in texts]
-    retrieve_ms = (time.perf_counter() - t0) * 1e3 / len(texts)
+    hits, retrieval_ms = time_retrieval(cfg, texts, kmax)
+    retrieve_ms = retrieval_ms["hybrid" if cfg.retriever.hybrid.enabled else "dense"]
     if any(len(h) < kmax for h in hits):
         raise ValueError(f"the index returned fewer than k={kmax} segments for some questions")
-    del retriever
 
     lm, tokenizer, template = load_lm_template(cfg)
     device = next(lm.parameters()).device
@@ -305,6 +340,12 @@ def run(cfg, progress: bool = True) -> dict:
         "goal_k": goal_k,
         **result,
         "retrieve_ms_per_question": round(retrieve_ms, 1),
+        "retrieval": {
+            "dense_ms_per_question": round(retrieval_ms["dense"], 2),
+            "hybrid_ms_per_question": round(retrieval_ms["hybrid"], 2),
+            "hybrid_over_dense": round(retrieval_ms["hybrid"] / retrieval_ms["dense"], 2),
+            "configured": "hybrid" if cfg.retriever.hybrid.enabled else "dense",
+        },
         "questions": n_timed,
         "warmup_batches": b.qa_warmup,
         "batch_size": bs,
@@ -332,6 +373,7 @@ def to_markdown(r: dict) -> str:
         f"interleaved). Times per batch in ms, mean (median); retrieval ({r['retrieve_ms_per_question']} ms per "
         "question, the same segments for every system) is not included. "
         f"Dynamic prefixes: {r['weights']}.",
+        *_retrieval_line(r.get("retrieval")),
         "",
         "| k | system | prompt tokens | prefix slots | prefix ms | time to first token ms | total ms | total / rag_text |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -363,3 +405,14 @@ def to_markdown(r: dict) -> str:
             f"retrieve), built in {p['seconds']} s into `{p['dir']}`.",
         ]
     return "\n".join(lines)
+
+
+def _retrieval_line(t: dict | None) -> list[str]:
+    if not t:
+        return []
+    return [
+        "",
+        f"Retrieval per question, one at a time, side by side: dense {t['dense_ms_per_question']} ms, "
+        f"dense + BM25 (`retriever.hybrid.enabled`) {t['hybrid_ms_per_question']} ms, "
+        f"hybrid / dense {t['hybrid_over_dense']} (the systems read the {t['configured']} retriever's segments).",
+    ]

@@ -186,7 +186,9 @@ def test_retrieval_section(tiny):
     # the automatic index.nprobe is measured beside bench.nprobe_values: every list of this small index
     assert ivf["default_nprobe"] == ivf["nlist"] == auto_nprobe(ivf["nlist"], 3000)
     assert [row["nprobe"] for row in ivf["by_nprobe"]] == sorted({1, 4, 64, ivf["nlist"]})
-    assert [row["nprobe"] for row in r["compressed"][0]["by_nprobe"]] == [row["nprobe"] for row in ivf["by_nprobe"]]
+    assert [row["nprobe"] for row in r["compressed"][0]["by_nprobe"]] == [
+        row["nprobe"] for row in ivf["by_nprobe"]
+    ]
     assert r["recommended_nprobe"] in (1, 4, 64, ivf["nlist"])
     assert 0 <= r["ivf_recall_at_10"] <= 1 and r["ivf_speedup_vs_flat"] > 0
     assert isinstance(r["met"], bool)
@@ -196,7 +198,10 @@ def test_retrieval_section(tiny):
     assert r["fitted_segments"] < r["fit_segments_wanted"]  # the tiny run has a few dozen segments
     md = retrieval.to_markdown(r)
     assert "recommended" in md and "fewer than bench.fit_segments" in md
-    assert f"| {ivf['nlist']} (default, `index.nprobe=0`)" in md or f"{ivf['nlist']} **(recommended)** (default" in md
+    assert (
+        f"| {ivf['nlist']} (default, `index.nprobe=0`)" in md
+        or f"{ivf['nlist']} **(recommended)** (default" in md
+    )
 
 
 def test_encoding_section(tiny, monkeypatch):
@@ -243,6 +248,10 @@ def test_qa_latency_section_forces_equal_answers_and_reuses_the_prefix_store(tin
     assert r["closed_book"]["ttft_ms"]["mean"] <= r["closed_book"]["total_ms"]["mean"]
     assert r["prefix_store"]["segments"] >= 2
     assert r["goal_k"] == 2 and r["met"] is False  # the goal is judged at k = 5 only
+    t = r["retrieval"]
+    assert t["configured"] == "dense" and t["dense_ms_per_question"] > 0 and t["hybrid_over_dense"] > 0
+    assert r["retrieve_ms_per_question"] == round(t["dense_ms_per_question"], 1)
+    assert "hybrid / dense" in qa_latency.to_markdown(r)
     again = qa_latency.run(tiny, progress=False)
     assert again["prefix_store"]["precompute"]["dynamic_prefix"].get("skipped") is True
     assert "(precomputed)" in qa_latency.to_markdown(r)
