@@ -10,6 +10,7 @@ and writes `run_dir/index/` (index.faiss + manifest.json) atomically. A rebuild 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -141,7 +142,9 @@ def ensure_index(
     try:
         return load_index_dir(index_dir, **checks)
     except UserError as err:
-        log.info("building %s: %s", index_dir, err)
+        # err ends in advice for a user opening the index by hand; here the rebuild is what follows.
+        reason = re.split(r"; rebuild|; build it|: set retriever\.model", str(err))[0]
+        log.info("building %s, since the index there cannot be used: %s", index_dir, reason)
     build_index(cfg, encoder=encoder, run_dir=run_dir, store=store, progress=progress)
     return load_index_dir(index_dir, **checks)
 

@@ -130,3 +130,24 @@ def test_live_add_remove_persist_and_reset(built):
     scores, ids = r3.search_vectors(encoder.encode_queries(["anything"]), 40)
     assert sorted(ids[0][ids[0] >= 0].tolist()) == list(range(n))
     assert np.all(np.diff(scores[0][:n]) <= 1e-6)
+
+
+def test_ensure_index_rebuild_log_gives_the_reason_without_the_manual_advice(built, tmp_path, caplog):
+    """Regression: ensure_index logged the refusal's advice ("set retriever.model=... or rebuild it with
+    `python -m retriever.index`") while it was itself about to rebuild."""
+    import logging
+    import shutil
+
+    root, cfg, overrides, _ = built
+    shutil.copytree(root / "run" / "store", tmp_path / "store")
+    shutil.copytree(root / "run" / "index", tmp_path / "index")
+    other = Encoder.from_config(load_config(None, [*overrides, f"retriever.model={root / 'enc2'}"]))
+    store = SegmentStore.open(tmp_path / "store")
+    with caplog.at_level(logging.INFO, logger="retriever.index"):
+        _, manifest = index_cli.ensure_index(
+            cfg, encoder=other, store=store, run_dir=tmp_path, progress=False
+        )
+    assert manifest["encoder"]["fingerprint"] == other.fingerprint
+    said = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert len(said) == 1 and "was built with encoder" in said[0]
+    assert "set retriever.model" not in said[0] and "python -m retriever.index" not in said[0]
