@@ -90,6 +90,15 @@ def machine_record() -> dict:
     }
 
 
+def machine_label(m: dict) -> str:
+    """A one-line name of the machine of `machine_record()`: CPU, kernel flags, cores, RAM, torch."""
+    flags = ", ".join(m.get("cpu_flags") or []) or "no listed flags"
+    return (
+        f"{m.get('cpu_model')} ({flags}), {m.get('logical_cores')} logical cores, {m.get('ram_gb')} GB RAM, "
+        f"torch {(m.get('versions') or {}).get('torch')}"
+    )
+
+
 def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 

@@ -5,6 +5,7 @@ goal was met, and its table(s). Pure formatting: no measurement happens here."""
 from __future__ import annotations
 
 from bench import encoding, qa_latency, retrieval, size, training
+from bench.machine import machine_label
 
 SECTIONS = {
     "retrieval": ("1. Retrieval at scale", retrieval.to_markdown),
@@ -93,7 +94,7 @@ def render(results: dict) -> str:
         f"Command: `{results['command']}` ({results['started']}, {results['total_seconds']:.0f} s). "
         f"Numbers: [results.json](results.json).",
         "",
-        f"Machine: {m['cpu_model']} ({', '.join(m['cpu_flags'])}), {m['logical_cores']} logical / "
+        f"Machine (of this command; a section measured on another says so): {m['cpu_model']} ({', '.join(m['cpu_flags'])}), {m['logical_cores']} logical / "
         f"{m['physical_cores']} physical cores, {m['ram_gb']} GB RAM; torch {v.get('torch')}, faiss "
         f"{v.get('faiss-cpu')}, transformers {v.get('transformers')}; {m['torch_threads']} torch / "
         f"{m['faiss_threads']} faiss threads"
@@ -134,6 +135,8 @@ def render(results: dict) -> str:
             )
             + ")."
         )
+        if r.get("machine") and r["machine"] != machine_label(results["machine"]):
+            lines += ["", f"**Another machine**: this section ran on {r['machine']} ({r.get('date')})."]
         if "error" in r:
             lines += ["", f"**Failed**: {r['error']}"]
             continue

@@ -14,7 +14,8 @@ data and `retriever.model` when missing or stale (`bench.run_dir=DIR` reads anot
 Each section runs in its own subprocess (its peak memory is its own, a crash loses one section) and its
 result is kept in `bench.work_dir/partial/<config fingerprint>/`; `--resume` reuses the sections an
 interrupted run finished with the same config. Running only some `--sections` keeps the other
-sections of an existing results.json (each records its own command and date).
+sections of an existing results.json (each records its own command, date and machine; RESULTS.md marks a
+section measured on another machine than the header's).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.machine import CpuSnapshot, load_average, machine_record, other_cpu_share
+from bench.machine import CpuSnapshot, load_average, machine_label, machine_record, other_cpu_share
 from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from configs.loader import save_config, to_dict
@@ -117,13 +118,24 @@ def _command(config: str | None, overrides: list[str], sections: list[str] | Non
 
 
 def _load_previous(path: Path) -> dict:
+    """The results.json a partial run (`--sections`) adds to; every kept section names its machine.
+
+    Sections written before sections recorded their own machine get the header's, which was the machine
+    of the run that last wrote the file: the new run replaces the header with its own machine.
+    """
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        previous = json.loads(path.read_text())
     except json.JSONDecodeError:
         log.warning("%s is not valid JSON; starting a fresh results file", path)
         return {}
+    if isinstance(previous.get("machine"), dict):
+        label = machine_label(previous["machine"])
+        for name in SECTION_MODULES:
+            if isinstance(previous.get(name), dict):
+                previous[name].setdefault("machine", label)
+    return previous
 
 
 def main(argv=None) -> int:
@@ -240,6 +252,7 @@ def main(argv=None) -> int:
                 "seconds_total": round(time.perf_counter() - t0, 1),
                 "development_run": bool(reduced),
                 "date": results["started"],
+                "machine": machine_label(results["machine"]),
             }
         )
         results[name] = result

@@ -342,6 +342,30 @@ def test_runner_writes_results_and_labels_a_development_run(tiny, tmp_path):
     md = (out / "RESULTS.md").read_text()
     assert "SMALL DEVELOPMENT RUN" in md and "## 5. Size" in md and "## 2. Encoding throughput" in md
     assert "Not run." in md  # retrieval, qa_latency, training
+    assert "**Another machine**" not in md  # both sections ran here
+
+
+def test_partial_run_keeps_the_machine_of_the_sections_it_did_not_rerun(tiny, tmp_path):
+    """Regression: `--sections X` replaced the header's machine, so the kept sections claimed a machine
+    they never ran on (bf16 figures of an AVX-512 machine under an AVX2-only one)."""
+    from bench.machine import machine_label, machine_record
+    from bench.run import main
+
+    config = tmp_path / "tiny.yaml"
+    save_config(tiny, config)
+    out = tmp_path / "out"
+    elsewhere = machine_record() | {"cpu_model": "Elsewhere CPU 9000", "cpu_flags": ["avx512_bf16"]}
+    size_result = size.run(tiny) | {"command": "an earlier run", "seconds_total": 1.0}
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"machine": elsewhere, "size": size_result}))
+    assert main(["--config", str(config), "--sections", "encoding", "--inline", f"bench.out_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["size"]["machine"] == machine_label(elsewhere)
+    assert results["encoding"]["machine"] == machine_label(results["machine"]) != machine_label(elsewhere)
+    md = (out / "RESULTS.md").read_text()
+    size_part = md.split("## 5. Size")[1]
+    assert "**Another machine**: this section ran on Elsewhere CPU 9000 (avx512_bf16)" in size_part
+    assert "**Another machine**" not in md.split("## 2. Encoding throughput")[1].split("## 3.")[0]
 
 
 def test_size_section_matches_the_files(tiny):
