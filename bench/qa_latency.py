@@ -245,9 +245,7 @@ def run(cfg, progress: bool = True) -> dict:
         "precomputed": Batcher(template, NoFeatures(), device),
     }
     if models:
-        backbone = build_backbone(
-            kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers, cfg.retriever.model, device
-        )
+        backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device)
         batchers["online"] = Batcher(template, FreshFeatures(backbone), device)
 
     variants = [Variant(str(s), str(s), 0, "none") for s in systems if not s.kind.retrieves]

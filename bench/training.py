@@ -141,9 +141,7 @@ def run(cfg) -> dict:
         )
     k = max(1, cfg.retriever.top_k)
     examples = make_examples(cfg, template, cfg.train.batch_size, k, b.train_segment_tokens)
-    backbone = build_backbone(
-        kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers, cfg.retriever.model, device
-    )
+    backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device)
     cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
     batcher = Batcher(template, cache, device)
     cache.get([s for ex in examples for s in ex.segments], device)  # features cached before timing

@@ -161,6 +161,34 @@ class KnowledgeEncoderConfig:
         "states of the LM's lower layers), `retriever` (the retriever's encoder) or an HF encoder id/path",
     )
     prefix_slots: int | None = opt(32, "P, prefix slots per segment (0 or null = segment length)")
+    compressor: str = opt(
+        "pool",
+        "how the lm_kv backbone's n token K,V become P slots: `pool` (learned attention pooling, trained through "
+        "the LM) or `select` (training-free: keep the P positions per layer and head that KVzip's reconstruction "
+        "attention scores highest, at their original positions; the baseline a learned compressor must beat)",
+        choices=("pool", "select"),
+    )
+    pool_rope: str = opt(
+        "post",
+        "keys the `pool` compressor averages: `post` = the LM's RoPE-rotated keys (the first design), `pre` = keys "
+        "with RoPE undone, each slot then rotated at its attention-weighted mean position (averaging rotated keys "
+        "of several positions damps their high-frequency dimensions)",
+        choices=("post", "pre"),
+    )
+    encode_lora_rank: int = opt(
+        0,
+        "rank of a LoRA adapter on the LM's linear layers that is active only while the LM encodes a segment for "
+        "a compressed (`pool`) prefix: the encode pass learns what the slots must carry; the LM that answers "
+        "stays the original (0 = the frozen LM's own K,V)",
+    )
+    encode_lora_targets: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "names of the LM's linear layers that the encode adapter adapts"
+    )
+    slot_bias: bool = opt(
+        False,
+        "give every pooled slot the attention logit bias log(n / P) plus a learned offset per head and slot, so P "
+        "slots keep the attention mass of the n tokens they stand for (needs the LM's sdpa attention)",
+    )
     format_slots: int = opt(8, "learned static slots shared by all questions (answer format), 0 = none")
     projection: str = opt("identity", "per-layer K/V heads: identity-initialised linear maps, full, or factored",
                           choices=("identity", "full", "factored"))
@@ -232,6 +260,35 @@ class TrainConfig:
     max_train_questions: int = opt(0, "cap on training questions (0 = all)")
     feature_cache_gb: float = opt(4.0, "RAM for cached frozen segment features (LM K,V), in training and "
                                    "when answering (eval, app); misses are recomputed")
+    init_from: str | None = opt(
+        None,
+        "a checkpoint whose knowledge-encoder weights start every trained dynamic system of the same name "
+        "(e.g. run_dir/pretrain/final from `python -m qa.pretrain`); null = the LM's own K,V warm start",
+    )
+
+
+@dataclass
+class PretrainConfig:
+    system: str = opt("dynamic_prefix@p32", "the dynamic-prefix system whose knowledge encoder is pretrained "
+                      "(P from its tag, the rest from knowledge_encoder.*); qa.train with train.init_from starts "
+                      "the system of this name from it")
+    max_steps: int = opt(200, "optimizer steps")
+    stop_at_step: int = opt(0, "stop after this step and save state (0 = run to max_steps); continue with --resume")
+    batch_size: int = opt(8, "segments per step")
+    lr: float = opt(3e-3, "peak learning rate (AdamW, linear warmup then cosine decay)")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    split: str = opt("train", "which articles' segments are read (the data.split rule); `all` reads the test "
+                     "articles too, which is fine for a deployed corpus but not before measuring on it",
+                     choices=("train", "dev", "test", "all"))
+    context_fraction: list[float] = opt([0.5, 0.8], "each segment is cut at a uniformly drawn fraction in this "
+                                        "range of its tokens: the part before is compressed, the part after is "
+                                        "the continuation")
+    continuation_tokens: int = opt(64, "continuation tokens scored per segment at most")
+    min_context_tokens: int = opt(16, "segments with fewer context tokens than this are skipped")
+    min_continuation_tokens: int = opt(8, "segments with fewer continuation tokens than this are skipped")
+    temperature: float = opt(1.0, "softmax temperature of the distillation KL")
+    save_every: int = opt(50, "steps between checkpoints and resumable state (0 = only final)")
+    log_every: int = opt(10, "steps between log lines")
 
 
 @dataclass
@@ -329,6 +386,7 @@ class Config:
     lm: LMConfig = field(default_factory=LMConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     app: AppConfig = field(default_factory=AppConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

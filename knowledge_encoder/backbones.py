@@ -23,13 +23,17 @@ from qa.prompting import PromptTemplate, TextSegment
 class SegmentFeatures:
     """Frozen features of N segments, right-padded to n tokens.
 
-    keys[l], values[l]: (N, H_kv, n, D) for `lm_kv`; hidden: (N, n, d) for the other backbones; mask: (N, n) bool.
+    keys[l], values[l]: (N, H_kv, n, D) for `lm_kv`; hidden: (N, n, d) for the other backbones; mask: (N, n) bool;
+    scores[l]: (N, H_kv, n) importance of each cached K,V (KVzip) when the compressor selects positions;
+    ids: (N, n) the LM token ids read (right-padded), for an encoder that runs its own adapted encode pass.
     """
 
     mask: torch.Tensor
     keys: list[torch.Tensor] | None = None
     values: list[torch.Tensor] | None = None
     hidden: torch.Tensor | None = None
+    scores: list[torch.Tensor] | None = None
+    ids: torch.Tensor | None = None
 
     def split(self) -> list[SegmentFeatures]:
         """One unpadded SegmentFeatures per segment (for a per-segment cache)."""
@@ -41,6 +45,8 @@ class SegmentFeatures:
                     keys=None if self.keys is None else [k[i : i + 1, :, :length].clone() for k in self.keys],
                     values=None if self.values is None else [v[i : i + 1, :, :length].clone() for v in self.values],
                     hidden=None if self.hidden is None else self.hidden[i : i + 1, :length].clone(),
+                    scores=None if self.scores is None else [t[i : i + 1, :, :length].clone() for t in self.scores],
+                    ids=None if self.ids is None else self.ids[i : i + 1, :length].clone(),
                 )
             )
         return out
@@ -68,6 +74,26 @@ class SegmentFeatures:
                 torch.cat([pad(p.values[layer], 2) for p in parts]) for layer in range(len(first.values))
             ],
             hidden=None if first.hidden is None else torch.cat([pad(p.hidden, 1) for p in parts]),
+            scores=None if first.scores is None else [
+                torch.cat([pad(p.scores[layer], 2) for p in parts]) for layer in range(len(first.scores))
+            ],
+            ids=None if first.ids is None else torch.cat([pad(p.ids, 1) for p in parts]),
+        )
+
+    def truncate(self, lengths: torch.Tensor) -> SegmentFeatures:
+        """The features of each segment's first lengths[i] tokens: (N, ..., n) -> (N, ..., max(lengths)).
+
+        Exact for the LM backbones only: a causal LM's K,V of a token do not depend on the tokens after it.
+        """
+        width = int(lengths.max())
+        keep = torch.arange(width, device=self.mask.device)[None, :] < lengths.to(self.mask.device)[:, None]
+        return SegmentFeatures(
+            mask=self.mask[:, :width] & keep,
+            keys=None if self.keys is None else [k[:, :, :width] for k in self.keys],
+            values=None if self.values is None else [v[:, :, :width] for v in self.values],
+            hidden=None if self.hidden is None else self.hidden[:, :width],
+            scores=None if self.scores is None else [t[:, :, :width] for t in self.scores],
+            ids=None if self.ids is None else self.ids[:, :width],
         )
 
     def to(self, device=None, dtype=None) -> SegmentFeatures:
@@ -76,6 +102,8 @@ class SegmentFeatures:
             keys=None if self.keys is None else [k.to(device=device, dtype=dtype) for k in self.keys],
             values=None if self.values is None else [v.to(device=device, dtype=dtype) for v in self.values],
             hidden=None if self.hidden is None else self.hidden.to(device=device, dtype=dtype),
+            scores=None if self.scores is None else [t.to(device=device, dtype=dtype) for t in self.scores],
+            ids=None if self.ids is None else self.ids.to(device),
         )
 
 
@@ -90,16 +118,29 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torc
 
 
 class LMBackbone:
-    """The frozen LM reading a segment on its own: its per-layer K,V (`lm_kv`) or lower hidden states."""
+    """The frozen LM reading a segment on its own: its per-layer K,V (`lm_kv`) or lower hidden states.
 
-    def __init__(self, lm, template: PromptTemplate, max_tokens: int, kind: str = "lm_kv", lm_layers: int = 4):
+    `scores="kvzip"` also scores every cached K,V by KVzip's reconstruction attention (one more LM pass over
+    a repeat prompt + the segment), for the `select` compressor.
+    """
+
+    def __init__(self, lm, template: PromptTemplate, max_tokens: int, kind: str = "lm_kv", lm_layers: int = 4,
+                 scores: str | None = None):
         if kind not in ("lm_kv", "lm_layers"):
             raise ValueError(kind)
+        if scores not in (None, "kvzip") or (scores and kind != "lm_kv"):
+            raise ValueError(f"scores={scores!r} needs the lm_kv backbone")
         self.lm = lm
         self.template = template
         self.max_tokens = max_tokens
         self.kind = kind
         self.lm_layers = lm_layers
+        self.scores = scores
+
+    @property
+    def name(self) -> str:
+        """What the features hold (a feature cache serves one name)."""
+        return self.kind + (f"+{self.scores}" if self.scores else "")
 
     @property
     def feature_dim(self) -> int:
@@ -122,7 +163,13 @@ class LMBackbone:
         cache = out.past_key_values
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
-        return SegmentFeatures(mask=mask, keys=keys, values=values)
+        scores = None
+        if self.scores == "kvzip":
+            from knowledge_encoder.kvzip import REPEAT_PROMPT, kvzip_scores
+
+            prompt = self.template.tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
+            scores = kvzip_scores(self.lm, ids, mask, cache, prompt)
+        return SegmentFeatures(mask=mask, keys=keys, values=values, scores=scores, ids=ids)
 
     def features(self, segments: Sequence[TextSegment]) -> SegmentFeatures:
         return self.features_from_ids(self.tokenize(segments))
@@ -143,6 +190,10 @@ class EncoderBackbone:
     def feature_dim(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def name(self) -> str:
+        return f"encoder:{self.model.config.name_or_path}"
+
     def tokenize(self, segments: Sequence[TextSegment]) -> list[list[int]]:
         enc = self.tokenizer([s.title for s in segments], [s.text for s in segments], truncation=True,
                              max_length=self.max_tokens)
@@ -159,12 +210,25 @@ class EncoderBackbone:
         return self.features_from_ids(self.tokenize(segments))
 
 
-def build_backbone(backbone: str, lm, template: PromptTemplate, max_tokens: int, lm_layers: int,
-                   retriever_model: str, device):
-    """`lm_kv` / `lm_layers` read with the frozen LM; `retriever` or an HF id/path read with that encoder."""
-    if backbone in ("lm_kv", "lm_layers"):
-        return LMBackbone(lm, template, max_tokens, kind=backbone, lm_layers=lm_layers)
+def feature_kind(kcfg) -> str:
+    """What a knowledge encoder config's backbone computes per segment: systems with the same kind share
+    one feature cache (e.g. `lm_kv`, `lm_kv+kvzip` when the K,V are also scored for selection)."""
+    if kcfg.backbone == "lm_kv" and kcfg.prefix_slots and kcfg.compressor == "select":
+        return "lm_kv+kvzip"
+    return kcfg.backbone
+
+
+def build_backbone(kcfg, lm, template: PromptTemplate, retriever_model: str, device):
+    """The backbone a knowledge encoder config (`KnowledgeEncoderConfig`) reads with.
+
+    `lm_kv` / `lm_layers` read with the frozen LM (`lm_kv` also scores its K,V when the compressor selects);
+    `retriever` or an HF id/path read with that encoder.
+    """
+    if kcfg.backbone in ("lm_kv", "lm_layers"):
+        scores = "kvzip" if feature_kind(kcfg) == "lm_kv+kvzip" else None
+        return LMBackbone(lm, template, kcfg.max_segment_tokens, kind=kcfg.backbone, lm_layers=kcfg.lm_layers,
+                          scores=scores)
     from configs.models import resolve_encoder_path
 
-    spec = retriever_model if backbone == "retriever" else backbone
-    return EncoderBackbone(resolve_encoder_path(spec), max_tokens, device)
+    spec = retriever_model if kcfg.backbone == "retriever" else kcfg.backbone
+    return EncoderBackbone(resolve_encoder_path(spec), kcfg.max_segment_tokens, device)

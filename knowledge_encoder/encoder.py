@@ -18,8 +18,11 @@ import torch
 from torch import nn
 
 from configs.schema import KnowledgeEncoderConfig
+from knowledge_encoder.adapter import EncodeAdapter
 from knowledge_encoder.backbones import SegmentFeatures
+from knowledge_encoder.compress import KVAttentionPool, KVSelect, slot_mask
 from knowledge_encoder.prefix import Prefix
+from knowledge_encoder.rope import Rope
 
 
 def lm_dims(config) -> tuple[int, int, int]:
@@ -29,46 +32,6 @@ def lm_dims(config) -> tuple[int, int, int]:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return text.num_hidden_layers, kv_heads, head_dim
-
-
-def _locality_bias(slots: int, mask: torch.Tensor) -> torch.Tensor:
-    """(N, P, n) additive bias so slot j starts out pooling the j-th of P equal chunks of each segment.
-
-    Content attention (learned queries) is added on top; with zero queries this is chunked mean pooling.
-    """
-    lengths = mask.sum(1, keepdim=True).clamp(min=1).float()  # (N, 1)
-    n = mask.shape[1]
-    pos = (torch.arange(n, device=mask.device).float()[None, :] + 0.5) / lengths  # (N, n) in (0, 1]
-    centre = (torch.arange(slots, device=mask.device).float() + 0.5) / slots  # (P,)
-    width = 0.5 / slots
-    return -((pos[:, None, :] - centre[None, :, None]) / width) ** 2  # (N, P, n)
-
-
-class KVAttentionPool(nn.Module):
-    """Compress a segment's per-layer K,V from n tokens to P slots by learned attention per layer and head.
-
-    queries: (L, H, P, D). For layer l: A = softmax(q K^T / sqrt(D) + locality) over the n real tokens,
-    K' = A K and V' = A V, each (N, H, P, D).
-    """
-
-    def __init__(self, num_layers: int, kv_heads: int, slots: int, head_dim: int):
-        super().__init__()
-        self.slots = slots
-        self.queries = nn.Parameter(torch.zeros(num_layers, kv_heads, slots, head_dim))
-
-    def forward(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor):
-        bias = _locality_bias(self.slots, mask)[:, None]  # (N, 1, P, n)
-        neg = torch.finfo(torch.float32).min
-        bias = bias.masked_fill(~mask[:, None, None, :], neg)
-        scale = 1.0 / math.sqrt(keys[0].shape[-1])
-        out_k, out_v = [], []
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            k = k.float()
-            logits = torch.einsum("hpd,nhtd->nhpt", self.queries[layer].float(), k) * scale + bias
-            attn = logits.softmax(-1)  # (N, H, P, n)
-            out_k.append(attn @ k)
-            out_v.append(attn @ v.float())
-        return out_k, out_v
 
 
 class KVProjection(nn.Module):
@@ -175,16 +138,28 @@ class FormatSlots(nn.Module):
 class KnowledgeEncoder(nn.Module):
     """Segment features -> one Prefix per segment, plus the format slots shared by every question."""
 
-    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None):
+    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None, lm=None):
+        """`lm` (the frozen LM, held by reference, never a sub-module) is needed by an encode adapter only."""
         super().__init__()
         self.cfg = cfg
         num_layers, kv_heads, head_dim = lm_dims(lm_config)
         self.slots = cfg.prefix_slots or 0  # 0 = one slot per segment token
         self.next_position = cfg.max_segment_tokens
         self.kv_backbone = cfg.backbone == "lm_kv"
+        self.adapter = None
         if self.kv_backbone:
-            self.pool = KVAttentionPool(num_layers, kv_heads, self.slots, head_dim) if self.slots else None
+            self.pool = None
+            if self.slots and cfg.compressor == "select":
+                self.pool = KVSelect(self.slots)
+            elif self.slots:
+                rope = Rope(lm_config) if cfg.pool_rope == "pre" else None
+                self.pool = KVAttentionPool(num_layers, kv_heads, self.slots, head_dim, rope, cfg.slot_bias)
             self.proj = KVProjection(num_layers, kv_heads, head_dim, cfg.projection, cfg.rank)
+            if cfg.encode_lora_rank and self.slots and cfg.compressor == "pool":
+                if lm is None:
+                    raise ValueError("an encode adapter (encode_lora_rank > 0) needs the LM")
+                self.adapter = EncodeAdapter(lm, cfg.encode_lora_rank, list(cfg.encode_lora_targets))
+                object.__setattr__(self, "lm", lm)
         else:
             if feature_dim is None:
                 raise ValueError("a hidden-state backbone needs feature_dim")
@@ -199,23 +174,32 @@ class KnowledgeEncoder(nn.Module):
         `full=True` skips the pooling: the P = segment-length path, the teacher of the compressed one.
         """
         mask = features.mask
+        bias = None
         if self.kv_backbone:
             keys, values = features.keys, features.values
-            if self.pool is not None and not full:
-                keys, values = self.pool(keys, values, mask)
-                # A slot is real when its segment has at least one token.
-                mask = mask.any(1, keepdim=True).expand(-1, self.slots)
+            if isinstance(self.pool, KVSelect) and not full:
+                if features.scores is None:
+                    raise ValueError("the select compressor needs importance scores (SegmentFeatures.scores)")
+                kept = self.pool(keys, values, mask, features.scores)
+                keys, values, mask = kept.keys, kept.values, kept.mask
+            elif self.pool is not None and not full:
+                if self.adapter is not None:
+                    if features.ids is None:
+                        raise ValueError("the encode adapter needs the segments' token ids (SegmentFeatures.ids)")
+                    keys, values = self.adapter.encode(self.lm, features.ids, mask)
+                pooled = self.pool(keys, values, mask)
+                keys, values, mask, bias = pooled.keys, pooled.values, pooled.mask, pooled.bias
             keys = [self.proj(k.float(), layer, 0) for layer, k in enumerate(keys)]
             values = [self.proj(v.float(), layer, 1) for layer, v in enumerate(values)]
         else:
             hidden = features.hidden.float()
             if self.pool is not None and not full:
                 hidden = self.pool(hidden, mask)
-                mask = mask.any(1, keepdim=True).expand(-1, self.slots)
+                mask = slot_mask(mask, self.slots)
             num_layers = len(self.heads.heads) // 2
             keys = [self.heads(hidden, layer, 0) for layer in range(num_layers)]
             values = [self.heads(hidden, layer, 1) for layer in range(num_layers)]
-        return Prefix(keys=keys, values=values, mask=mask.contiguous(), next_position=self.next_position)
+        return Prefix(keys=keys, values=values, mask=mask.contiguous(), next_position=self.next_position, bias=bias)
 
     def format_prefix(self, batch: int) -> Prefix | None:
         return None if self.format is None else self.format(batch)

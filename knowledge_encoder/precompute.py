@@ -57,8 +57,7 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
         if model.encoder is None:
             raise UserError(f"`{name}` has no knowledge encoder; only dynamic systems have prefixes to precompute")
         kcfg = model.encoder.cfg
-        backbone = build_backbone(kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers,
-                                  cfg.retriever.model, device)
+        backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device)
         meta = {"system": name, "encoder_sha256": encoder_sha256(checkpoint, name),
                 "store_fingerprint": store.fingerprint, "next_position": model.encoder.next_position,
                 "prefix_slots": model.encoder.slots}

@@ -5,6 +5,8 @@ A Prefix is the one currency between the knowledge encoder, the static (peft) pr
     keys[l], values[l]  : (B, H_kv, S, D)   for every LM layer l (already RoPE-rotated where meaningful)
     mask                : (B, S) bool       True = a real slot, False = padding that no token may attend to
     next_position       : int               RoPE position of the first prompt token after the prefix
+    bias                : (B, H_kv, S) or None   additive attention logit of each slot (every layer), e.g.
+                                            log(tokens a pooled slot stands for), so a slot keeps their mass
 
 `next_position` keeps positions identical in training and generation: segment K,V computed by the LM at
 positions 0..n-1 (n <= max_segment_tokens) are followed by the prompt at position max_segment_tokens
@@ -25,6 +27,7 @@ class Prefix:
     values: list[torch.Tensor]
     mask: torch.Tensor
     next_position: int
+    bias: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -51,6 +54,7 @@ class Prefix:
             values=[v.to(device=device, dtype=dtype) for v in self.values],
             mask=self.mask.to(device=device),
             next_position=self.next_position,
+            bias=None if self.bias is None else self.bias.to(device=device, dtype=torch.float32),
         )
 
     def repeat_interleave(self, n: int) -> Prefix:
@@ -60,6 +64,7 @@ class Prefix:
             values=[v.repeat_interleave(n, dim=0) for v in self.values],
             mask=self.mask.repeat_interleave(n, dim=0),
             next_position=self.next_position,
+            bias=None if self.bias is None else self.bias.repeat_interleave(n, dim=0),
         )
 
     def select(self, index: torch.Tensor | list[int]) -> Prefix:
@@ -69,6 +74,7 @@ class Prefix:
             values=[v.index_select(0, index) for v in self.values],
             mask=self.mask.index_select(0, index),
             next_position=self.next_position,
+            bias=None if self.bias is None else self.bias.index_select(0, index),
         )
 
     @staticmethod
@@ -87,6 +93,7 @@ class Prefix:
             values=[torch.cat([p.values[i] for p in parts], dim=2) for i in range(parts[0].num_layers)],
             mask=torch.cat([p.mask for p in parts], dim=1),
             next_position=max(p.next_position for p in parts),
+            bias=_cat_bias(parts, dim=2),
         )
 
     @staticmethod
@@ -109,6 +116,7 @@ class Prefix:
             values=[group(t) for t in flat.values],
             mask=flat.mask.view(b, k * p),
             next_position=flat.next_position,
+            bias=None if flat.bias is None else flat.bias.view(b, k, -1, p).transpose(1, 2).reshape(b, -1, k * p),
         )
 
     @staticmethod
@@ -119,4 +127,16 @@ class Prefix:
             values=[torch.cat([p.values[i] for p in parts], dim=0) for i in range(parts[0].num_layers)],
             mask=torch.cat([p.mask for p in parts], dim=0),
             next_position=max(p.next_position for p in parts),
+            bias=_cat_bias(parts, dim=0),
         )
+
+
+def _cat_bias(parts: list[Prefix], dim: int) -> torch.Tensor | None:
+    """Concatenate the parts' slot biases (dim 2 = slots, 0 = batch); a part without one contributes zeros."""
+    if all(p.bias is None for p in parts):
+        return None
+    like = next(p.bias for p in parts if p.bias is not None)
+    return torch.cat([
+        p.bias if p.bias is not None else like.new_zeros(p.batch_size, p.keys[0].shape[1], p.length)
+        for p in parts
+    ], dim=dim)

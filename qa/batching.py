@@ -31,7 +31,7 @@ class Example:
 
 
 def _feature_bytes(f: SegmentFeatures) -> int:
-    tensors = (f.keys or []) + (f.values or []) + ([f.hidden] if f.hidden is not None else [])
+    tensors = (f.keys or []) + (f.values or []) + (f.scores or []) + ([f.hidden] if f.hidden is not None else [])
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

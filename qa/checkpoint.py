@@ -65,7 +65,7 @@ def new_model(system: SystemName, cfg: Config, lm, template: PromptTemplate, fea
     """A freshly initialised trainable system (warm-started from the LM's own K,V)."""
     encoder = static = None
     if system.kind.dynamic:
-        encoder = KnowledgeEncoder(encoder_config(system, cfg), lm.config, feature_dim)
+        encoder = KnowledgeEncoder(encoder_config(system, cfg), lm.config, feature_dim, lm=lm)
         if encoder.format is not None:
             encoder.format.init_from(instruction_prefix(lm, template, cfg.knowledge_encoder.format_slots))
     if system.kind.static:
@@ -142,7 +142,7 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
         if system.kind.dynamic:
             kcfg = KnowledgeEncoderConfig(**manifest["systems"][name]["knowledge_encoder"])
             dim = (feature_dims or {}).get(kcfg.backbone)
-            encoder = KnowledgeEncoder(kcfg, lm.config, dim)
+            encoder = KnowledgeEncoder(kcfg, lm.config, dim, lm=lm)
             encoder.load_state_dict(load_file(str(sub / ENCODER_WEIGHTS)))
         if system.kind.static:
             static = StaticPrefix.load(sub, lm.config)
@@ -150,3 +150,25 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
         device = next(lm.parameters()).device
         models[name] = model.to(device).eval().requires_grad_(False)
     return models
+
+
+def init_encoder_from(model: PrefixQAModel, directory: Path, name: str, lm_config) -> bool:
+    """Start `model`'s knowledge encoder from the same-named system of checkpoint `directory` (train.init_from).
+
+    Returns False when the checkpoint holds no such dynamic system (the model keeps its warm start); refuses a
+    checkpoint of another LM or an encoder of another shape with a clear message.
+    """
+    manifest = read_manifest(directory)
+    have = {k: v for k, v in manifest["lm"].items() if k != "model"}
+    if have != lm_fingerprint(lm_config):
+        raise UserError(f"train.init_from={directory} was trained for LM {manifest['lm'].get('model')}; use a "
+                        "checkpoint of the configured lm.model")
+    info = manifest["systems"].get(name)
+    if model.encoder is None or info is None or "knowledge_encoder" not in info:
+        return False
+    try:
+        model.encoder.load_state_dict(load_file(str(Path(directory) / name / ENCODER_WEIGHTS)))
+    except RuntimeError as err:
+        raise UserError(f"train.init_from={directory}: the knowledge encoder of `{name}` there has another shape "
+                        f"than the configured one ({info['knowledge_encoder']}): {str(err).splitlines()[0]}") from err
+    return True

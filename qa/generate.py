@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from knowledge_encoder.prefix import Prefix
-from qa.lm_forward import forward_with_prefix, prompt_positions
+from qa.lm_forward import forward_with_prefix, prompt_positions, slot_bias
 
 
 @dataclass
@@ -76,12 +76,14 @@ def greedy_generate(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
+        bias = slot_bias(lm, prefix, mask.shape[1], cache.layers[0].keys.dtype)
         out = lm(
             input_ids=next_ids[:, None],
             attention_mask=mask,
             position_ids=position,
             past_key_values=cache,
             use_cache=True,
+            **({} if bias is None else {"position_bias": bias}),
         )
         cache = out.past_key_values
         logits = out.logits[:, -1]

@@ -1,7 +1,9 @@
 """Running the frozen LM with a prefix: the one injection path used by training, generation and the teacher.
 
 The prefix enters as a fresh `DynamicCache` (transformers builds the causal mask from the cache length and
-the 2-D attention mask, and uses `position_ids` only for RoPE), so no modeling file is forked.
+the 2-D attention mask, and uses `position_ids` only for RoPE), so no modeling file is forked. A prefix's
+slot bias (`Prefix.bias`) enters through SDPA attention's public `position_bias` argument, an additive logit
+that every layer adds to its attention scores.
 """
 
 from __future__ import annotations
@@ -18,6 +20,25 @@ def prompt_positions(attention_mask: torch.Tensor, start: int) -> torch.Tensor:
     """
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0) + start
+
+
+def slot_bias(lm, prefix: Prefix | None, key_length: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The prefix's slot bias as SDPA's additive `position_bias`: (B, H_q, 1, key_length), the bias on the prefix's
+    S columns and 0 on the key_length - S prompt/answer columns. None when the prefix has no bias.
+
+    Prefix.bias is per KV head (B, H_kv, S); each query head of a GQA group gets its KV head's bias.
+    """
+    if prefix is None or prefix.bias is None:
+        return None
+    implementation = getattr(lm.config, "_attn_implementation", None)
+    if implementation != "sdpa":
+        raise ValueError(f"a prefix with slot biases needs the LM's sdpa attention (it adds them as position_bias); "
+                         f"this LM runs `{implementation}`: load it with attn_implementation='sdpa'")
+    text = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    groups = text.num_attention_heads // prefix.bias.shape[1]
+    bias = prefix.bias.to(dtype).repeat_interleave(groups, dim=1)  # (B, H_q, S)
+    tail = bias.new_zeros(bias.shape[0], bias.shape[1], key_length - bias.shape[2])
+    return torch.cat([bias, tail], dim=2)[:, :, None, :]
 
 
 def forward_with_prefix(
@@ -52,6 +73,9 @@ def forward_with_prefix(
     prefix = prefix.to(device=input_ids.device, dtype=dtype)
     full_mask = torch.cat([prefix.mask.to(attention_mask.dtype), attention_mask], dim=1)
     start = prefix.next_position if position_start is None else position_start
+    extra = {}
+    if prefix.bias is not None:
+        extra["position_bias"] = slot_bias(lm, prefix, full_mask.shape[1], dtype)
     return lm(
         input_ids=input_ids,
         attention_mask=full_mask,
@@ -60,4 +84,5 @@ def forward_with_prefix(
         use_cache=True,
         output_hidden_states=output_hidden_states,
         logits_to_keep=logits_to_keep,
+        **extra,
     )

@@ -21,7 +21,7 @@ import torch
 from configs.errors import UserError
 from configs.models import load_lm
 from configs.schema import Config
-from knowledge_encoder.backbones import build_backbone
+from knowledge_encoder.backbones import build_backbone, feature_kind
 from knowledge_encoder.prefix import Prefix
 from qa.batching import Batcher, Example, FeatureCache
 from qa.checkpoint import load_models, read_manifest
@@ -137,10 +137,9 @@ class QASystem:
         if model is None or model.encoder is None:
             return self._batchers.setdefault("none", Batcher(self.template, None, self.device))
         kcfg = model.encoder.cfg
-        key = kcfg.backbone
+        key = feature_kind(kcfg)
         if key not in self._batchers:
-            backbone = build_backbone(kcfg.backbone, self.lm, self.template, kcfg.max_segment_tokens,
-                                      kcfg.lm_layers, self.cfg.retriever.model, self.device)
+            backbone = build_backbone(kcfg, self.lm, self.template, self.cfg.retriever.model, self.device)
             # Sized like training's cache: an evaluation runs system after system over the same segments,
             # and an LRU smaller than their features would recompute every one of them for every system.
             cache = FeatureCache(backbone, max_bytes=int(self.cfg.train.feature_cache_gb * (1 << 30)))

@@ -2,8 +2,9 @@
 
 A name is `BASE[@tag][~ablation]`:
 - BASE is one of SYSTEMS;
-- `@tag` names a trained variant (`dynamic_prefix@p32`, `dynamic_prefix@pfull`); a tag `pN` / `pfull` sets
-  knowledge_encoder.prefix_slots for that variant, any other tag is just a name;
+- `@tag` names a trained variant (`dynamic_prefix@p32`, `dynamic_prefix@pfull`); a tag `pN` / `pfull`, alone or
+  followed by `-name` (`dynamic_prefix@p32-kvzip`), sets knowledge_encoder.prefix_slots for that variant, any
+  other tag is just a name;
 - `~random` (evaluation only) replaces the retrieved segments by random ones, `~gold` by the gold segment
   (an oracle): neither is ever used by a plain system name.
 """
@@ -58,11 +59,10 @@ class SystemName:
 
     def prefix_slots(self, default: int | None) -> int | None:
         """P for this variant: from a `pN`/`pfull` tag, else the configured default."""
-        if self.tag == "pfull":
-            return 0
-        if self.tag and re.fullmatch(r"p\d+", self.tag):
-            return int(self.tag[1:])
-        return default
+        m = re.fullmatch(r"p(\d+|full)([-_.].*)?", self.tag or "")
+        if m is None:
+            return default
+        return 0 if m[1] == "full" else int(m[1])
 
     def __str__(self) -> str:
         return self.trained_name + (f"~{self.ablation}" if self.ablation else "")

@@ -39,9 +39,9 @@ from configs.precision import warn_if_slow_bf16
 from configs.schema import Config
 from data_prep.atomic import atomic_dir, atomic_write_json
 from data_prep.store import SegmentStore, load_qa
-from knowledge_encoder.backbones import build_backbone
+from knowledge_encoder.backbones import build_backbone, feature_kind
 from qa.batching import Batcher, FeatureCache
-from qa.checkpoint import new_model, save_checkpoint
+from qa.checkpoint import init_encoder_from, new_model, save_checkpoint
 from qa.joint_retriever import JointRetriever, candidate_logprobs, check_joint_config, marginal_nll
 from qa.prompting import PromptTemplate
 from qa.retrieval_cache import cached_hits
@@ -91,14 +91,16 @@ class Trainer:
         check_joint_config(cfg, self.systems)
         self._load_data()
         kcfg = cfg.knowledge_encoder
-        backbone = build_backbone(kcfg.backbone, self.lm, self.template, kcfg.max_segment_tokens, kcfg.lm_layers,
-                                  cfg.retriever.model, accelerator.device)
+        backbone = build_backbone(kcfg, self.lm, self.template, cfg.retriever.model, accelerator.device)
         self.cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
         self.batcher = Batcher(self.template, self.cache, accelerator.device)
         feature_dim = None if kcfg.backbone == "lm_kv" else backbone.feature_dim
         self.models, self.opts, self.scheds = {}, {}, {}
         for system in self.systems:
-            model = new_model(system, cfg, self.lm, self.template, feature_dim).to(accelerator.device)
+            model = new_model(system, cfg, self.lm, self.template, feature_dim)
+            if cfg.train.init_from and init_encoder_from(model, Path(cfg.train.init_from), str(system), self.lm.config):
+                log.info("%s starts from the knowledge encoder in %s", system, cfg.train.init_from)
+            model = model.to(accelerator.device)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
@@ -233,7 +235,7 @@ class Trainer:
             return {}
         unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.models.items()}
         qa = QASystem(self.cfg, self.lm, self.tokenizer, None, unwrapped, {n: n for n in unwrapped})
-        qa._batchers[self.cfg.knowledge_encoder.backbone] = self.batcher
+        qa._batchers[feature_kind(self.cfg.knowledge_encoder)] = self.batcher
         out = {}
         for name, model in unwrapped.items():
             model.eval()

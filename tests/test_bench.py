@@ -285,9 +285,7 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     seg = sub.get(0)
     example = [Example("Who leads it?", [TextSegment(seg.title, seg.text)], [0])]
     kcfg = tiny.knowledge_encoder
-    backbone = build_backbone(
-        kcfg.backbone, lm, template, kcfg.max_segment_tokens, kcfg.lm_layers, tiny.retriever.model, "cpu"
-    )
+    backbone = build_backbone(kcfg, lm, template, tiny.retriever.model, "cpu")
     qa = QASystem(tiny, lm, tok, None, {"dynamic_prefix": model}, {"dynamic_prefix": "dynamic_prefix"})
     _, online = qa.prepare(
         system, model, example, Batcher(template, qa_latency.FreshFeatures(backbone), "cpu")

@@ -1,0 +1,241 @@
+"""Pretrain a compressing knowledge encoder by distillation on unlabelled segments (no questions needed).
+
+    python -m qa.pretrain --config C [--resume] [pretrain.system=dynamic_prefix@p32] [key=value ...]
+    python -m qa.train --config C train.init_from=RUN_DIR/pretrain/final ...   # then fine-tune on QA
+
+Each segment of the store (of `pretrain.split`'s articles) is cut at a random point: the frozen LM reads the
+continuation once after the K,V of the whole context (the teacher: exactly the LM having read the text) and
+once after the compressed prefix of the context (the student); the loss is KL(teacher || student) on every
+continuation token. A QA example supervises ~3 answer tokens; a segment supervises up to
+`pretrain.continuation_tokens`, and any corpus in the store format will do (CLaRa and Cartridges report large
+gains from such a stage). Only the knowledge encoder trains (pooling, projections, an encode adapter).
+
+Writes run_dir/pretrain/{step-N,final} in the checkpoint layout (one system, `pretrain.system`) and resumable
+state in run_dir/pretrain/state; logs to run_dir/logs/pretrain.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from configs.cli import build_parser, parse, run_main
+from configs.errors import UserError
+from configs.models import load_lm
+from configs.schema import Config
+from data_prep.atomic import atomic_dir, atomic_write_json
+from data_prep.split import in_split
+from data_prep.store import SegmentStore
+from knowledge_encoder.backbones import SegmentFeatures, build_backbone
+from knowledge_encoder.prefix import Prefix
+from qa.batching import FeatureCache, left_pad
+from qa.checkpoint import new_model, save_checkpoint
+from qa.lm_forward import forward_with_prefix
+from qa.prompting import PromptTemplate, TextSegment
+from qa.systems import parse_system
+from qa.train import lr_lambda
+
+log = logging.getLogger("qa.pretrain")
+
+
+@dataclass
+class Split:
+    """Where each segment of a batch is cut: context lengths (N,) and continuation token rows."""
+
+    context: torch.Tensor
+    continuation: list[list[int]]
+
+
+def cut_segments(features: SegmentFeatures, fractions: torch.Tensor, cfg) -> tuple[list[int], Split]:
+    """Rows of `features` long enough to cut (indices) and their cuts; fractions (N,) in [0, 1]."""
+    lengths = features.mask.sum(1)
+    rows, context, continuation = [], [], []
+    for i, n in enumerate(lengths.tolist()):
+        m = int(round(fractions[i].item() * n))
+        m = max(cfg.min_context_tokens, min(m, n - cfg.min_continuation_tokens))
+        if m < cfg.min_context_tokens or n - m < cfg.min_continuation_tokens:
+            continue
+        rows.append(i)
+        context.append(m)
+        continuation.append(features.ids[i, m:min(n, m + cfg.continuation_tokens)].tolist())
+    return rows, Split(torch.tensor(context, dtype=torch.long), continuation)
+
+
+def select_rows(features: SegmentFeatures, rows: list[int]) -> SegmentFeatures:
+    index = torch.tensor(rows, dtype=torch.long, device=features.mask.device)
+
+    def pick(t):
+        return None if t is None else t.index_select(0, index)
+
+    return SegmentFeatures(
+        mask=pick(features.mask),
+        keys=None if features.keys is None else [pick(k) for k in features.keys],
+        values=None if features.values is None else [pick(v) for v in features.values],
+        hidden=pick(features.hidden),
+        scores=None if features.scores is None else [pick(s) for s in features.scores],
+        ids=pick(features.ids),
+    )
+
+
+def continuation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per real continuation token, averaged; logits (B, T, V), mask (B, T)."""
+    keep = mask.bool().reshape(-1)
+    s = (student.reshape(-1, student.shape[-1])[keep].float() / temperature).log_softmax(-1)
+    t = (teacher.reshape(-1, teacher.shape[-1])[keep].float() / temperature).log_softmax(-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def distillation_loss(lm, encoder, features: SegmentFeatures, split: Split, pad_id: int,
+                      temperature: float) -> torch.Tensor:
+    """The student prefix (encoder over each context) against the teacher (the context's own K,V), on the
+    continuation tokens; positions continue after each context (RoPE is relative, the cut is per row)."""
+    context = features.truncate(split.context)
+    device = context.mask.device
+    student = encoder(context)
+    teacher = Prefix(keys=context.keys, values=context.values, mask=context.mask, next_position=0)
+    ids, mask = left_pad(split.continuation, pad_id, device)
+    start = split.context.to(device)[:, None]
+    out = forward_with_prefix(lm, ids, mask, student, position_start=start)
+    with torch.no_grad():
+        target = forward_with_prefix(lm, ids, mask, teacher, position_start=start).logits
+    return continuation_kl(out.logits, target, mask, temperature)
+
+
+class Pretrainer:
+    def __init__(self, cfg: Config, accelerator, resume: bool = False):
+        self.cfg, self.acc = cfg, accelerator
+        pcfg = cfg.pretrain
+        self.system = parse_system(pcfg.system)
+        if not self.system.kind.dynamic or self.system.kind.text:
+            raise UserError(f"pretrain.system must be a dynamic_prefix variant, got `{pcfg.system}`")
+        if not self.system.prefix_slots(cfg.knowledge_encoder.prefix_slots):
+            raise UserError(f"pretrain.system `{pcfg.system}` has P = segment length: there is nothing to compress")
+        if cfg.knowledge_encoder.backbone != "lm_kv":
+            raise UserError("qa.pretrain needs knowledge_encoder.backbone=lm_kv (its teacher is the LM's own K,V)")
+        lo, hi = pcfg.context_fraction
+        if not 0 < lo <= hi < 1:
+            raise UserError(f"pretrain.context_fraction must be two fractions 0 < lo <= hi < 1, got {pcfg.context_fraction}")
+        self.out_dir = Path(cfg.run_dir) / "pretrain"
+        self.log_path = Path(cfg.run_dir) / "logs" / "pretrain.jsonl"
+        torch.manual_seed(cfg.seed)
+        self.lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, str(accelerator.device), cfg.lm.dtype)
+        self.template = PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.store = SegmentStore.open(Path(cfg.run_dir) / "store")
+        rule = self.store.manifest.get("split_rule") or {}
+        titles = self.store.column("title").to_pylist()
+        self.ids = [i for i, t in enumerate(titles)
+                    if in_split(t, pcfg.split, rule.get("seed", 0), rule.get("dev", 0.1), rule.get("test", 0.2))]
+        if not self.ids:
+            raise UserError(f"{self.store.path} has no segments of `{pcfg.split}` articles")
+        backbone = build_backbone(cfg.knowledge_encoder, self.lm, self.template, cfg.retriever.model, accelerator.device)
+        self.cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
+        model = new_model(self.system, cfg, self.lm, self.template, None)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr,
+                                weight_decay=cfg.train.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(pcfg.warmup_steps, pcfg.max_steps))
+        self.model, self.opt, self.sched = accelerator.prepare(model.to(accelerator.device), opt, sched)
+        self.step, self.seconds = 0, 0.0
+        if resume:
+            self._resume()
+
+    def batch(self, step: int) -> tuple[list[TextSegment], torch.Tensor]:
+        """The segments and cut fractions of a step: a pure function of (seed, step), so a resumed run repeats it."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        ids = [self.ids[rng.randrange(len(self.ids))] for _ in range(self.cfg.pretrain.batch_size)]
+        lo, hi = self.cfg.pretrain.context_fraction
+        fractions = torch.tensor([rng.uniform(lo, hi) for _ in ids])
+        return [TextSegment(s.title, s.text) for s in self.store.get_many(ids)], fractions
+
+    def train_step(self) -> float | None:
+        self.step += 1
+        segments, fractions = self.batch(self.step)
+        features = self.cache.get(segments, self.acc.device)
+        rows, split = cut_segments(features, fractions, self.cfg.pretrain)
+        if not rows:
+            return None  # every segment too short: nothing to learn from this step
+        encoder = self.acc.unwrap_model(self.model).encoder
+        loss = distillation_loss(self.lm, encoder, select_rows(features, rows), split, self.pad_id,
+                                 self.cfg.pretrain.temperature)
+        self.acc.backward(loss)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def save(self, final: bool = False) -> Path:
+        target = self.out_dir / ("final" if final else f"step-{self.step}")
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            extra = {"step": self.step, "store_fingerprint": self.store.fingerprint, "train_seconds": self.seconds,
+                     "pretrain": {"split": self.cfg.pretrain.split, "segments": len(self.ids)}}
+            save_checkpoint(target, {str(self.system): model}, self.cfg, self.lm.config, extra)
+            with atomic_dir(self.out_dir / "state") as tmp:
+                self.acc.save_state(str(tmp), safe_serialization=True)
+                atomic_write_json(tmp / "pretrainer_state.json",
+                                  {"step": self.step, "seconds": self.seconds, "system": str(self.system)})
+        return target
+
+    def _resume(self) -> None:
+        meta = self.out_dir / "state" / "pretrainer_state.json"
+        if not meta.is_file():
+            log.info("--resume: no saved state in %s, starting from step 0", meta.parent)
+            return
+        saved = json.loads(meta.read_text())
+        if saved["system"] != str(self.system):
+            raise UserError(f"--resume: the saved state pretrained {saved['system']}, pretrain.system is "
+                            f"{self.system}; use the same system or a new run_dir")
+        self.acc.load_state(str(meta.parent))
+        self.step, self.seconds = saved["step"], saved["seconds"]
+        log.info("resumed at step %d", self.step)
+
+    def fit(self) -> Path:
+        pcfg = self.cfg.pretrain
+        self.model.train()
+        bar = tqdm(total=pcfg.max_steps, initial=self.step, desc="pretraining", disable=not self.acc.is_main_process)
+        last = min(pcfg.max_steps, pcfg.stop_at_step) if pcfg.stop_at_step else pcfg.max_steps
+        while self.step < last:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.seconds += time.perf_counter() - t0
+            bar.update(1)
+            if loss is not None:
+                bar.set_postfix({"kl": f"{loss:.3f}"})
+            if self.acc.is_main_process and (self.step % pcfg.log_every == 0 or self.step == pcfg.max_steps):
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": self.step, "kl": loss, "lr": self.sched.get_last_lr()[0],
+                                        "seconds": self.seconds}) + "\n")
+            if pcfg.save_every and self.step % pcfg.save_every == 0 and self.step < pcfg.max_steps:
+                self.save()
+        bar.close()
+        if self.step < pcfg.max_steps:
+            log.info("stopped at step %d of %d (pretrain.stop_at_step); continue with --resume", self.step,
+                     pcfg.max_steps)
+            return self.save()
+        return self.save(final=True)
+
+
+def main(argv=None) -> int:
+    parser = build_parser("python -m qa.pretrain", __doc__)
+    parser.add_argument("--resume", action="store_true", help="continue from run_dir/pretrain/state")
+    cfg, ns = parse(parser, argv)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    trainer = Pretrainer(cfg, accelerator, resume=ns.resume)
+    target = trainer.fit()
+    print(json.dumps({"checkpoint": str(target), "steps": trainer.step, "seconds": round(trainer.seconds, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

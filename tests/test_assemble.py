@@ -1,0 +1,67 @@
+"""qa.assemble: systems of several checkpoints into one, derived selection variants, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from configs.errors import UserError
+from configs.schema import Config
+from qa.assemble import assemble, encoder_overrides, main
+from qa.checkpoint import load_models, new_model, read_manifest, save_checkpoint
+from qa.prompting import PromptTemplate
+from qa.systems import parse_system
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _checkpoint(path, lm, tokenizer, names, step):
+    cfg = Config()
+    cfg.knowledge_encoder.format_slots = 2
+    cfg.train.static_slots = 3
+    models = {n: new_model(parse_system(n), cfg, lm, PromptTemplate(tokenizer), None) for n in names}
+    save_checkpoint(path, models, cfg, lm.config, {"step": step, "data": {"train_questions": step * 10}})
+    return models
+
+
+def test_assemble_copies_renames_and_derives_a_selection_variant(tmp_path, smol_tokenizer, tiny_llama):
+    a = _checkpoint(tmp_path / "a", tiny_llama, smol_tokenizer, ["dynamic_prefix@pfull"], 5)
+    _checkpoint(tmp_path / "b", tiny_llama, smol_tokenizer, ["rag_text_tuned"], 9)
+    rc = main([str(tmp_path / "out"), f"{tmp_path / 'a'}:dynamic_prefix@pfull",
+               f"{tmp_path / 'a'}:dynamic_prefix@pfull=dynamic_prefix@p4-kvzip", f"{tmp_path / 'b'}:rag_text_tuned",
+               "--encoder", "dynamic_prefix@p4-kvzip", "compressor=select,prefix_slots=4"])
+    assert rc == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert set(manifest["systems"]) == {"dynamic_prefix@pfull", "dynamic_prefix@p4-kvzip", "rag_text_tuned"}
+    derived = manifest["systems"]["dynamic_prefix@p4-kvzip"]
+    assert derived["knowledge_encoder"]["compressor"] == "select" and derived["prefix_slots"] == 4
+    assert derived["source"]["step"] == 5 and manifest["systems"]["rag_text_tuned"]["source"]["step"] == 9
+    loaded = load_models(tmp_path / "out", list(manifest["systems"]), tiny_llama)
+    assert loaded["dynamic_prefix@p4-kvzip"].encoder.slots == 4
+    same = a["dynamic_prefix@pfull"].encoder.state_dict()
+    for key, value in loaded["dynamic_prefix@p4-kvzip"].encoder.state_dict().items():
+        torch.testing.assert_close(value, same[key])
+
+
+def test_assemble_refusals(tmp_path, smol_tokenizer, tiny_llama):
+    _checkpoint(tmp_path / "a", tiny_llama, smol_tokenizer, ["dynamic_prefix@pfull"], 5)
+    other = make_tiny_llama(len(smol_tokenizer), layers=3)
+    _checkpoint(tmp_path / "c", other, smol_tokenizer, ["static_prefix"], 1)
+    src = f"{tmp_path / 'a'}:dynamic_prefix@pfull"
+    with pytest.raises(UserError, match="one LM"):
+        assemble(tmp_path / "o1", [src, f"{tmp_path / 'c'}:static_prefix"])
+    with pytest.raises(UserError, match="given twice"):
+        assemble(tmp_path / "o2", [src, src])
+    with pytest.raises(UserError, match="holds: dynamic_prefix@pfull"):
+        assemble(tmp_path / "o3", [f"{tmp_path / 'a'}:rag_text_tuned"])
+    with pytest.raises(UserError, match="no entry produces"):
+        assemble(tmp_path / "o4", [src], {"dynamic_prefix@p8": {"prefix_slots": 8}})
+    with pytest.raises(UserError, match="knowledge_encoder key"):
+        encoder_overrides([["x", "no_such_key=1"]])
+    with pytest.raises(Exception, match="must be one of"):
+        assemble(tmp_path / "o5", [src], {"dynamic_prefix@pfull": {"compressor": "magic"}})
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    assemble(tmp_path / "o6", [src])
+    with pytest.raises(UserError, match="--force"):
+        assemble(tmp_path / "o6", [src])

@@ -1,0 +1,88 @@
+"""The encode-time LoRA adapter: it starts as the frozen LM, trains, and never changes the answering LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from configs.schema import Config, KnowledgeEncoderConfig
+from knowledge_encoder.backbones import LMBackbone
+from knowledge_encoder.encoder import KnowledgeEncoder
+from qa.checkpoint import load_models, new_model, save_checkpoint
+from qa.lm_forward import forward_with_prefix
+from qa.prompting import PromptTemplate, TextSegment
+from qa.systems import parse_system
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEGMENTS = [
+    TextSegment("Velmora Works", "Velmora Works is a company founded in 1873 by Ada Quill in Old Ridelis."),
+    TextSegment("Kaive", "Kaive is a city on the river Ostra."),
+]
+
+
+def _features(lm, tokenizer):
+    return LMBackbone(lm, PromptTemplate(tokenizer), max_tokens=64).features(SEGMENTS)
+
+
+def _adapted(lm, rank=4):
+    cfg = KnowledgeEncoderConfig(prefix_slots=4, format_slots=0, pool_rope="pre", encode_lora_rank=rank)
+    return KnowledgeEncoder(cfg, lm.config, lm=lm)
+
+
+def test_untrained_adapter_encodes_like_the_frozen_lm(smol_tokenizer, tiny_llama):
+    feats = _features(tiny_llama, smol_tokenizer)
+    adapted = _adapted(tiny_llama)(feats)
+    frozen = KnowledgeEncoder(KnowledgeEncoderConfig(prefix_slots=4, format_slots=0, pool_rope="pre"),
+                              tiny_llama.config)(feats)
+    for a, b in zip(adapted.keys + adapted.values, frozen.keys + frozen.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_trained_adapter_changes_the_prefix_but_never_the_answering_lm(smol_tokenizer):
+    lm = make_tiny_llama(len(smol_tokenizer))
+    reference = make_tiny_llama(len(smol_tokenizer))  # same seed: the same weights, never touched
+    feats = _features(lm, smol_tokenizer)
+    enc = _adapted(lm)
+    before = enc(feats).keys[0].detach().clone()
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
+    ids = torch.tensor([[5, 17, 300], [9, 8, 7]])
+    for _ in range(3):
+        out = forward_with_prefix(lm, ids, torch.ones_like(ids), enc(feats))
+        out.logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None for p in lm.parameters())
+    assert any(b.abs().sum() > 0 for b in enc.adapter.b.values())
+    assert not torch.allclose(enc(feats).keys[0], before, atol=1e-4)
+    # The LM that answers, with an empty prefix and with none, is the base LM.
+    empty = enc(feats).select([0])
+    empty.mask[:] = False
+    q = torch.tensor([[5, 17, 300, 42]])
+    torch.testing.assert_close(forward_with_prefix(lm, q, torch.ones_like(q), empty).logits,
+                               reference(input_ids=q).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lm(input_ids=q).logits, reference(input_ids=q).logits)
+
+
+def test_adapter_checkpoint_round_trip_gives_the_same_prefix(tmp_path, smol_tokenizer, tiny_llama):
+    cfg = Config()
+    cfg.knowledge_encoder.format_slots = 2
+    cfg.knowledge_encoder.pool_rope = "pre"
+    cfg.knowledge_encoder.encode_lora_rank = 2
+    model = new_model(parse_system("dynamic_prefix@p4"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
+    with torch.no_grad():
+        for b in model.encoder.adapter.b.values():
+            b.normal_()
+    save_checkpoint(tmp_path / "ck", {"dynamic_prefix@p4": model}, cfg, tiny_llama.config)
+    loaded = load_models(tmp_path / "ck", ["dynamic_prefix@p4"], tiny_llama)["dynamic_prefix@p4"]
+    feats = _features(tiny_llama, smol_tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encoder(feats).keys[-1], model.encoder(feats).keys[-1])
+
+
+def test_adapter_needs_token_ids(smol_tokenizer, tiny_llama):
+    feats = _features(tiny_llama, smol_tokenizer)
+    feats.ids = None
+    with pytest.raises(ValueError, match="token ids"):
+        _adapted(tiny_llama)(feats)
