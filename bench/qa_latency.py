@@ -200,6 +200,7 @@ def run(cfg, progress: bool = True) -> dict:
     """The section's numbers (JSON-ready); see the module docstring."""
     from knowledge_encoder.backbones import build_backbone
     from qa.checkpoint import new_model
+    from qa.prefix_source import PrefixSource
     from qa.system import QASystem
 
     b = cfg.bench
@@ -238,7 +239,7 @@ def run(cfg, progress: bool = True) -> dict:
 
     online = QASystem(cfg, lm, tokenizer, None, models, {n: n for n in models})
     stored = QASystem(cfg, lm, tokenizer, None, models, {n: n for n in models})
-    stored.prefix_stores.update(stores)
+    stored.prefix_sources.update({name: PrefixSource(store=store) for name, store in stores.items()})
     kcfg = cfg.knowledge_encoder
     batchers = {
         "none": Batcher(template, None, device),

@@ -4,8 +4,9 @@ Measured on disk in the configured run_dir (store, embeddings, index) and in the
 (`bench.work_dir/prefixes/<system>`, built by the QA-latency section over a subset of segments);
 per-segment figures divide by the number of segments each holds. The prefix store's size follows from
 the LM's shape, so it is also computed for P = 10, 32 and P = segment length (the mean LM-token length
-of the store's segments) at `knowledge_encoder.store_dtype`:
-    L layers x {K, V} x H_kv heads x P slots x head_dim x bytes + P mask bytes + an 8-byte id.
+of the store's segments) at `knowledge_encoder.store_dtype` and at int8:
+    L layers x {K, V} x H_kv heads x P slots x head_dim x bytes + P mask bytes + an 8-byte id,
+    plus, for int8, float16 scales: L x H_kv x head_dim (keys, per channel) + L x H_kv x P (values, per slot).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from data_prep.store import SegmentStore
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
 
 
 def _files_bytes(directory: Path, pattern: str) -> int:
@@ -25,7 +26,8 @@ def _files_bytes(directory: Path, pattern: str) -> int:
 
 def prefix_bytes_per_segment(layers: int, kv_heads: int, head_dim: int, slots: float, dtype: str) -> float:
     """Bytes of one segment's prefix in the store (see the module docstring)."""
-    return layers * 2 * kv_heads * slots * head_dim * DTYPE_BYTES[dtype] + slots + 8
+    scales = layers * kv_heads * (head_dim + slots) * 2 if dtype == "int8" else 0
+    return layers * 2 * kv_heads * slots * head_dim * DTYPE_BYTES[dtype] + scales + slots + 8
 
 
 def mean_segment_tokens(store: SegmentStore, tokenizer, limit: int = 2000) -> float:
@@ -100,15 +102,20 @@ def run(cfg) -> dict:
     layers, kv_heads, head_dim = lm_dims(AutoConfig.from_pretrained(lm_path))
     tokens = mean_segment_tokens(store, AutoTokenizer.from_pretrained(lm_path))
     dtype = cfg.knowledge_encoder.store_dtype
+
+    def sizes(dt: str) -> dict:
+        return {
+            "P=8": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 8, dt)),
+            "P=32": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 32, dt)),
+            f"P=n ({tokens:.0f})": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, tokens, dt)),
+        }
+
     out["prefix_store_computed"] = {
         "lm": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
         "dtype": dtype,
         "mean_segment_tokens": round(tokens, 1),
-        "bytes_per_segment": {
-            "P=10": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 10, dtype)),
-            "P=32": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 32, dtype)),
-            f"P=n ({tokens:.0f})": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, tokens, dtype)),
-        },
+        "bytes_per_segment": sizes(dtype),
+        "bytes_per_segment_by_dtype": {dt: sizes(dt) for dt in dict.fromkeys([dtype, "bfloat16", "int8"])},
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -139,9 +146,10 @@ def to_markdown(r: dict) -> str:
         )
     c = r["prefix_store_computed"]
     lm = c["lm"]
-    for name, size in c["bytes_per_segment"].items():
-        lines.append(
-            f"| prefix store {name} (computed) | {size:,} | {size * n:,} for this store | "
-            f"{lm['layers']} layers × K,V × {lm['kv_heads']} heads × {lm['head_dim']} × {c['dtype']} |"
-        )
+    for dtype, table in c.get("bytes_per_segment_by_dtype", {c["dtype"]: c["bytes_per_segment"]}).items():
+        for name, size in table.items():
+            lines.append(
+                f"| prefix store {name} (computed) | {size:,} | {size * n:,} for this store | "
+                f"{lm['layers']} layers × K,V × {lm['kv_heads']} heads × {lm['head_dim']} × {dtype} |"
+            )
     return "\n".join(lines)

@@ -195,8 +195,22 @@ class KnowledgeEncoderConfig:
     rank: int = opt(64, "rank of the shared basis of the `factored` projection")
     lm_layers: int = opt(4, "lower LM layers read by the `lm_layers` backbone")
     max_segment_tokens: int = opt(320, "segment length cap in LM tokens")
-    store_dtype: str = opt("float16", "dtype of the prefix store", choices=("float16", "bfloat16", "float32"))
+    store_dtype: str = opt(
+        "bfloat16",
+        "dtype of the prefix store: bfloat16, float16, float32, or int8 (keys quantised per channel, values per "
+        "slot, float16 scales: about half of bf16)",
+        choices=("float16", "bfloat16", "float32", "int8"),
+    )
     batch_size: int = opt(16, "segments per batch in precompute")
+    prefix_store: str = opt(
+        "all",
+        "where serving (qa.answer, eval.run, the app) gets segment prefixes: `all` = the store that "
+        "`python -m knowledge_encoder.precompute` filled (segments it lacks are computed on the fly), `cache` = a "
+        "bounded on-disk LRU cache in run_dir/prefix_cache filled while serving (for corpora too big to "
+        "precompute), `none` = always computed",
+        choices=("all", "cache", "none"),
+    )
+    prefix_cache_gb: float = opt(2.0, "disk budget of the `cache` prefix store per system")
 
 
 @dataclass

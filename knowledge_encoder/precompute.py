@@ -58,17 +58,19 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
             raise UserError(f"`{name}` has no knowledge encoder; only dynamic systems have prefixes to precompute")
         kcfg = model.encoder.cfg
         backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device)
+        # The dtype is a serving choice (this command's config), not the checkpoint's.
+        dtype = cfg.knowledge_encoder.store_dtype
         meta = {"system": name, "encoder_sha256": encoder_sha256(checkpoint, name),
                 "store_fingerprint": store.fingerprint, "next_position": model.encoder.next_position,
-                "prefix_slots": model.encoder.slots}
+                "prefix_slots": model.encoder.slots, "dtype": dtype}
         out = prefix_dir(cfg.run_dir, name)
-        writer = PrefixStoreWriter(out, meta, kcfg.store_dtype)
+        writer = PrefixStoreWriter(out, meta, dtype)
         if writer.manifest.get("complete"):
             log.info("%s: prefix store %s is complete and current", name, out)
             report[name] = {"segments": writer.manifest["count"], "seconds": 0.0, "skipped": True}
             continue
         t0 = time.perf_counter()
-        _fill(writer, store, backbone, model.encoder, kcfg.batch_size, device, progress, name)
+        _fill(writer, store, backbone, model.encoder, cfg.knowledge_encoder.batch_size, device, progress, name)
         writer.finish()
         seconds = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in out.glob("shard-*.safetensors"))

@@ -1,7 +1,8 @@
 """The prefix store: every segment's prefix computed once, so serving skips the backbone and the encoder.
 
     run_dir/prefixes/<system>/manifest.json
-    run_dir/prefixes/<system>/shard-00000.safetensors     ids (N,), keys/values (N, L, H, P, D), mask (N, P)
+    run_dir/prefixes/<system>/shard-00000.safetensors     ids (N,) + the rows of `knowledge_encoder.prefix_codec`:
+                                                          keys/values (N, L, H, P, D), mask (N, P)[, bias, scales]
 
 The manifest records the sha256 of the knowledge encoder's weights and the segment store's fingerprint;
 opening a store made by another encoder checkpoint or over another segment store is refused. Shards are
@@ -19,29 +20,20 @@ from safetensors.torch import save_file
 
 from configs.errors import UserError
 from data_prep.atomic import atomic_write_json
+from knowledge_encoder import prefix_codec
 from knowledge_encoder.prefix import Prefix
 
 MANIFEST = "manifest.json"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def prefix_to_rows(prefix: Prefix) -> dict[str, torch.Tensor]:
-    """Per-segment prefix (N, H, P, D) per layer -> keys/values (N, L, H, P, D) and mask (N, P)."""
-    return {
-        "keys": torch.stack(prefix.keys, dim=1),
-        "values": torch.stack(prefix.values, dim=1),
-        "mask": prefix.mask,
-    }
-
-
 class PrefixStoreWriter:
     """Append shards of segment prefixes; `done_ids()` tells a resumed run what to skip."""
 
-    def __init__(self, directory: Path, meta: dict, dtype: str = "float16"):
+    def __init__(self, directory: Path, meta: dict, dtype: str = "bfloat16"):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
@@ -65,18 +57,12 @@ class PrefixStoreWriter:
         return done
 
     def add(self, ids: list[int], prefix: Prefix) -> None:
-        rows = prefix_to_rows(prefix)
-        tensors = {
-            "ids": torch.tensor(ids, dtype=torch.int64),
-            "keys": rows["keys"].to(DTYPES[self.dtype]).contiguous().cpu(),
-            "values": rows["values"].to(DTYPES[self.dtype]).contiguous().cpu(),
-            "mask": rows["mask"].contiguous().cpu(),
-        }
+        tensors = {"ids": torch.tensor(ids, dtype=torch.int64), **prefix_codec.encode(prefix, self.dtype)}
         name = shard_name(len(self.manifest["shards"]))
         tmp = self.dir / f".{name}.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(self.dir / name)
-        self.manifest["shards"].append({"file": name, "count": len(ids), "slots": int(rows["mask"].shape[1])})
+        self.manifest["shards"].append({"file": name, "count": len(ids), "slots": int(tensors["mask"].shape[1])})
         self.manifest["count"] += len(ids)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
 
@@ -122,28 +108,18 @@ class PrefixStore:
     def __contains__(self, segment_id: int) -> bool:
         return segment_id in self._where
 
+    def get_one(self, segment_id: int, device=None) -> Prefix | None:
+        """The stored prefix of one segment (1, H, P, D per layer), or None when the store lacks it."""
+        where = self._where.get(segment_id)
+        if where is None:
+            return None
+        s, row = where
+        h = self._handles[s]
+        rows = {name: h.get_slice(name)[row:row + 1] for name in h.keys() if name != "ids"}  # noqa: SIM118 (safe_open is not a dict)
+        return prefix_codec.decode(rows, self.next_position, device)
+
     def get(self, ids: list[int], device=None) -> Prefix | None:
+        """The prefixes of `ids` stacked (N, H, P_max, D per layer), or None if an id is missing."""
         if any(i not in self._where for i in ids):
             return None
-        keys, values, masks = [], [], []
-        width = 0
-        for sid in ids:
-            s, row = self._where[sid]
-            h = self._handles[s]
-            keys.append(h.get_slice("keys")[row:row + 1])
-            values.append(h.get_slice("values")[row:row + 1])
-            masks.append(h.get_slice("mask")[row:row + 1])
-            width = max(width, masks[-1].shape[1])
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            extra = width - t.shape[dim]
-            if not extra:
-                return t
-            shape = list(t.shape)
-            shape[dim] = extra
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-        k = torch.cat([pad(t, 3) for t in keys]).to(device=device, dtype=torch.float32)  # (N, L, H, P, D)
-        v = torch.cat([pad(t, 3) for t in values]).to(device=device, dtype=torch.float32)
-        mask = torch.cat([pad(m, 1) for m in masks]).to(device)
-        return Prefix(keys=list(k.unbind(1)), values=list(v.unbind(1)), mask=mask, next_position=self.next_position)
+        return prefix_codec.stack_segments([self.get_one(i, device) for i in ids])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from configs.errors import UserError
+from configs.loader import to_dict
 from configs.models import load_lm
 from configs.schema import Config
 from knowledge_encoder.backbones import build_backbone, feature_kind
@@ -73,7 +74,7 @@ class QASystem:
         self.models = models or {}
         self.model_names = model_names or {}  # system name -> key in self.models
         self._batchers: dict[str, Batcher] = {}
-        self.prefix_stores: dict[str, object] = {}  # system -> knowledge_encoder.prefix_store.PrefixStore
+        self.prefix_sources: dict = {}  # system -> qa.prefix_source.PrefixSource (stored or cached prefixes)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,19 +103,42 @@ class QASystem:
         return qa
 
     def attach_prefix_stores(self, checkpoint: Path) -> None:
-        """Use run_dir/prefixes/<system> where it exists (a stale one is refused with a clear error)."""
+        """Prefix sources per `knowledge_encoder.prefix_store`: `all` reads run_dir/prefixes/<system> where it
+        exists (a stale one is refused with a clear error), `cache` an LRU cache in run_dir/prefix_cache."""
         from data_prep.store import SegmentStore
         from knowledge_encoder.precompute import encoder_sha256, prefix_dir
+        from knowledge_encoder.prefix_cache import PrefixCache
         from knowledge_encoder.prefix_store import PrefixStore
+        from qa.prefix_source import PrefixSource, prefix_cache_dir
 
+        kcfg = self.cfg.knowledge_encoder
+        if kcfg.prefix_store == "none":
+            return
         for name, model in self.models.items():
+            if model.encoder is None:
+                continue
+            if kcfg.prefix_store == "cache":
+                meta = {"system": name, "encoder_sha256": encoder_sha256(checkpoint, name),
+                        "encoder_config": to_dict(model.encoder.cfg), "dtype": kcfg.store_dtype,
+                        "next_position": model.encoder.next_position}
+                cache = PrefixCache(prefix_cache_dir(self.cfg.run_dir, name), meta,
+                                    int(kcfg.prefix_cache_gb * (1 << 30)))
+                self.prefix_sources[name] = PrefixSource(cache=cache)
+                log.info("%s caches prefixes in %s (%d entries, %.1f MB)", name, cache.dir, len(cache),
+                         cache.bytes / 1e6)
+                continue
             directory = prefix_dir(self.cfg.run_dir, name)
-            if model.encoder is None or not directory.is_dir():
+            if not directory.is_dir():
                 continue
             store_fp = SegmentStore.open(Path(self.cfg.run_dir) / "store").fingerprint
-            self.prefix_stores[name] = PrefixStore.open(directory, encoder_sha256(checkpoint, name), store_fp)
-            log.info("%s reads precomputed prefixes from %s (%d segments)", name, directory,
-                     len(self.prefix_stores[name]))
+            store = PrefixStore.open(directory, encoder_sha256(checkpoint, name), store_fp)
+            self.prefix_sources[name] = PrefixSource(store=store)
+            log.info("%s reads precomputed prefixes from %s (%d segments)", name, directory, len(store))
+
+    @property
+    def prefix_stores(self) -> dict:
+        """The precomputed stores in use, by system (for reports and tests)."""
+        return {n: s.store for n, s in self.prefix_sources.items() if s.store is not None}
 
     def available_modes(self) -> list[str]:
         modes = ["closed_book"]
@@ -152,33 +176,18 @@ class QASystem:
             raise UserError("this mode needs a retriever: build the index first (`python -m retriever.index`)")
         return self.retriever.batch_search(list(questions), k)
 
-    def _stored_prefix(self, system: SystemName, model: PrefixQAModel | None, examples) -> Prefix | None:
-        """The prefix assembled from the precomputed store, or None when the store is absent or lacks a segment."""
-        if model is None or model.encoder is None:
-            return None
-        store = self.prefix_stores.get(self.model_names.get(str(SystemName(system.base, system.tag)), ""))
-        ids = [i for e in examples for i in e.segment_ids]
-        if store is None or not ids or any(i is None for i in ids):
-            return None
-        segments = store.get(ids, self.device)
-        if segments is None:
-            return None
-        segs = Prefix.group_segments(segments, len(examples[0].segment_ids))
-        parts = [model.encoder.format_prefix(segs.batch_size), segs]
-        if model.static is not None:
-            parts.insert(0, model.static(segs.batch_size))
-        return Prefix.concat(parts)
-
     def prepare(self, system: SystemName, model: PrefixQAModel | None, examples: Sequence[Example],
                 batcher: Batcher | None = None) -> tuple[QABatch, Prefix | None]:
-        """The batch and the prefix the LM reads: from the prefix store when it holds every segment (the
-        encoder's backbone never runs then), else the encoder over the segments' features."""
-        prefix = self._stored_prefix(system, model, examples)
-        batch = (batcher or self._batcher(model)).build(examples, system, with_labels=False,
-                                                         with_features=prefix is None)
-        if prefix is None and model is not None:
-            prefix = model.prefix(batch)
-        return batch, prefix
+        """The batch and the prefix the LM reads: segment prefixes from the system's prefix source (store or
+        cache; the encoder only for the segments they lack), else the encoder over every segment's features."""
+        batcher = batcher or self._batcher(model)
+        key = self.model_names.get(str(SystemName(system.base, system.tag)), "")
+        source = self.prefix_sources.get(key)
+        if model is not None and model.encoder is not None and source is not None:
+            batch = batcher.build(examples, system, with_labels=False, with_features=False)
+            return batch, source.prefix(model, examples, batcher, self.device)
+        batch = batcher.build(examples, system, with_labels=False)
+        return batch, None if model is None else model.prefix(batch)
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], mode: str | None = None, top_k: int | None = None,

@@ -266,6 +266,7 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     from knowledge_encoder.prefix_store import PrefixStore
     from qa.batching import Batcher, Example
     from qa.checkpoint import new_model
+    from qa.prefix_source import PrefixSource
     from qa.prompting import TextSegment
     from qa.system import QASystem
     from qa.systems import parse_system
@@ -290,7 +291,7 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     _, online = qa.prepare(
         system, model, example, Batcher(template, qa_latency.FreshFeatures(backbone), "cpu")
     )
-    qa.prefix_stores["dynamic_prefix"] = store
+    qa.prefix_sources["dynamic_prefix"] = PrefixSource(store=store)
     _, stored = qa.prepare(system, model, example, Batcher(template, qa_latency.NoFeatures(), "cpu"))
     assert online.length == stored.length
     for a, b in zip(online.keys + online.values, stored.keys + stored.values):
@@ -373,8 +374,10 @@ def test_size_section_matches_the_files(tiny):
     index_file = Path(tiny.run_dir) / "index" / "index.faiss"
     assert r["index"]["bytes"] == index_file.stat().st_size
     computed = r["prefix_store_computed"]
-    # tiny LM: 2 layers, 2 KV heads, head_dim 24, float16
-    assert computed["bytes_per_segment"]["P=10"] == 2 * 2 * 2 * 10 * 24 * 2 + 10 + 8
+    # tiny LM: 2 layers, 2 KV heads, head_dim 24, 2-byte floats; int8 adds float16 scales per channel and slot
+    assert computed["bytes_per_segment"]["P=8"] == 2 * 2 * 2 * 8 * 24 * 2 + 8 + 8
+    int8 = computed["bytes_per_segment_by_dtype"]["int8"]["P=8"]
+    assert int8 == 2 * 2 * 2 * 8 * 24 * 1 + 2 * 2 * (24 + 8) * 2 + 8 + 8
     assert "| faiss index |" in size.to_markdown(r)
 
 
