@@ -277,7 +277,9 @@ class TrainConfig:
     init_from: str | None = opt(
         None,
         "a checkpoint whose knowledge-encoder weights start every trained dynamic system of the same name "
-        "(e.g. run_dir/pretrain/final from `python -m qa.pretrain`); null = the LM's own K,V warm start",
+        "(e.g. run_dir/pretrain/final from `python -m qa.pretrain`), or `DIR:SYSTEM` to start from another "
+        "system there (e.g. DIR:dynamic_prefix@pfull: its format slots and K/V heads; the pooling keeps its start); "
+        "null = the LM's own K,V warm start",
     )
 
 

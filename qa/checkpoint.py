@@ -152,23 +152,41 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
     return models
 
 
-def init_encoder_from(model: PrefixQAModel, directory: Path, name: str, lm_config) -> bool:
-    """Start `model`'s knowledge encoder from the same-named system of checkpoint `directory` (train.init_from).
+def init_encoder_from(model: PrefixQAModel, spec: str, name: str, lm_config) -> list[str] | None:
+    """Start `model`'s knowledge encoder from a trained one (train.init_from = `DIR` or `DIR:SYSTEM`).
 
-    Returns False when the checkpoint holds no such dynamic system (the model keeps its warm start); refuses a
-    checkpoint of another LM or an encoder of another shape with a clear message.
+    `DIR` reads the same-named system of checkpoint DIR, `DIR:SYSTEM` another one (e.g. a compressed encoder
+    from a trained `dynamic_prefix@pfull`: its format slots and K/V heads load, the pooling keeps its start).
+    Returns the weight names that loaded, or None when DIR holds no such dynamic system (the model keeps its
+    warm start); refuses a checkpoint of another LM or weights of another shape with a clear message.
     """
+    directory, source = _split_spec(spec, name)
     manifest = read_manifest(directory)
     have = {k: v for k, v in manifest["lm"].items() if k != "model"}
     if have != lm_fingerprint(lm_config):
-        raise UserError(f"train.init_from={directory} was trained for LM {manifest['lm'].get('model')}; use a "
+        raise UserError(f"train.init_from={spec} was trained for LM {manifest['lm'].get('model')}; use a "
                         "checkpoint of the configured lm.model")
-    info = manifest["systems"].get(name)
+    info = manifest["systems"].get(source)
     if model.encoder is None or info is None or "knowledge_encoder" not in info:
-        return False
-    try:
-        model.encoder.load_state_dict(load_file(str(Path(directory) / name / ENCODER_WEIGHTS)))
-    except RuntimeError as err:
-        raise UserError(f"train.init_from={directory}: the knowledge encoder of `{name}` there has another shape "
-                        f"than the configured one ({info['knowledge_encoder']}): {str(err).splitlines()[0]}") from err
-    return True
+        if source != name:
+            raise UserError(f"train.init_from={spec}: {directory} has no dynamic system `{source}`; it holds "
+                            f"{', '.join(manifest['systems'])}")
+        return None
+    weights = load_file(str(Path(directory) / source / ENCODER_WEIGHTS))
+    own = model.encoder.state_dict()
+    wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    if wrong or (source == name and set(weights) != set(own)):
+        raise UserError(f"train.init_from={spec}: the knowledge encoder of `{source}` there has another shape than "
+                        f"the configured `{name}` ({', '.join(wrong) or 'other weights'}); "
+                        f"saved config: {info['knowledge_encoder']}")
+    shared = {k: v for k, v in weights.items() if k in own}
+    model.encoder.load_state_dict(shared, strict=False)
+    return sorted(shared)
+
+
+def _split_spec(spec: str, name: str) -> tuple[Path, str]:
+    """`DIR` -> (DIR, name); `DIR:SYSTEM` -> (DIR, SYSTEM) when DIR exists as written before the colon."""
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and head and tail and not Path(spec).exists():
+        return Path(head), tail
+    return Path(spec), name

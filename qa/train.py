@@ -98,8 +98,10 @@ class Trainer:
         self.models, self.opts, self.scheds = {}, {}, {}
         for system in self.systems:
             model = new_model(system, cfg, self.lm, self.template, feature_dim)
-            if cfg.train.init_from and init_encoder_from(model, Path(cfg.train.init_from), str(system), self.lm.config):
-                log.info("%s starts from the knowledge encoder in %s", system, cfg.train.init_from)
+            loaded = init_encoder_from(model, cfg.train.init_from, str(system), self.lm.config) if cfg.train.init_from else None
+            if loaded:
+                log.info("%s starts from the knowledge encoder in %s (%s)", system, cfg.train.init_from,
+                         ", ".join(loaded))
             model = model.to(accelerator.device)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -108,3 +108,31 @@ def test_prefix_store_round_trip_resume_and_stale(tmp_path, smol_tokenizer, tiny
     with pytest.raises(UserError, match="another segment store"):
         PrefixStore.open(tmp_path / "p", "abc", "s2")
     assert json.loads((tmp_path / "p" / "manifest.json").read_text())["count"] == 5
+
+
+def test_init_from_another_system_loads_the_shared_weights(tmp_path, smol_tokenizer, tiny_llama):
+    """train.init_from=DIR:dynamic_prefix@pfull starts a compressed encoder from a trained full-length one."""
+    from qa.checkpoint import init_encoder_from
+
+    cfg = Config()
+    cfg.knowledge_encoder.format_slots = 2
+    template = PromptTemplate(smol_tokenizer)
+    full = new_model(parse_system("dynamic_prefix@pfull"), cfg, tiny_llama, template, None)
+    with torch.no_grad():
+        full.encoder.proj.weight.add_(0.5)
+        full.encoder.format.kv.add_(1.0)
+    save_checkpoint(tmp_path / "ck", {"dynamic_prefix@pfull": full}, cfg, tiny_llama.config)
+    small = new_model(parse_system("dynamic_prefix@p3"), cfg, tiny_llama, template, None)
+    queries = small.encoder.pool.queries.detach().clone()
+    loaded = init_encoder_from(small, f"{tmp_path / 'ck'}:dynamic_prefix@pfull", "dynamic_prefix@p3", tiny_llama.config)
+    assert loaded == ["format.kv", "proj.weight"]
+    torch.testing.assert_close(small.encoder.proj.weight, full.encoder.proj.weight)
+    torch.testing.assert_close(small.encoder.pool.queries, queries)
+    # The same name in a checkpoint without it: nothing loads; an unknown source system is refused.
+    assert init_encoder_from(small, str(tmp_path / "ck"), "dynamic_prefix@p3", tiny_llama.config) is None
+    with pytest.raises(UserError, match="no dynamic system"):
+        init_encoder_from(small, f"{tmp_path / 'ck'}:dynamic_prefix@p9", "dynamic_prefix@p3", tiny_llama.config)
+    cfg.knowledge_encoder.format_slots = 4
+    wider = new_model(parse_system("dynamic_prefix@p3"), cfg, tiny_llama, template, None)
+    with pytest.raises(UserError, match="another shape"):
+        init_encoder_from(wider, f"{tmp_path / 'ck'}:dynamic_prefix@pfull", "dynamic_prefix@p3", tiny_llama.config)
