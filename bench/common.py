@@ -15,7 +15,7 @@ from configs.precision import warn_if_slow_bf16
 def load_lm_template(cfg):
     """(lm, tokenizer, PromptTemplate) of `cfg.lm`, frozen, in eval mode."""
     from configs.models import load_lm
-    from qa.prompting import PromptTemplate
+    from lm.prompting import PromptTemplate
 
     lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, cfg.device, cfg.lm.dtype)
     return lm, tokenizer, PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)

@@ -6,7 +6,7 @@ Fair by construction:
   used), so retrieval time (reported separately, dense and BM25 hybrid side by side) is left out of
   every total;
 - every system generates exactly `bench.qa_answer_tokens` tokens (no stop token), greedily, with the
-  KV cache (`qa.generate.greedy_generate`), at the same batch size, after untimed warm-up batches;
+  KV cache (`lm.generate.greedy_generate`), at the same batch size, after untimed warm-up batches;
 - the systems are interleaved question by question in a rotating order, so a load change on a shared
   machine hits them all alike.
 
@@ -35,9 +35,9 @@ import torch
 from bench.common import autocast, load_lm_template, questions, summary
 from configs.loader import config_from_dict, to_dict
 from data_prep.store import SegmentStore, write_store
+from lm.generate import StopTokens, greedy_generate
+from lm.prompting import TextSegment
 from qa.batching import Batcher, Example
-from qa.generate import StopTokens, greedy_generate
-from qa.prompting import TextSegment
 from qa.systems import parse_system
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ def prefix_bytes_per_segment(layers: int, kv_heads: int, head_dim: int, slots: f
 
 def mean_segment_tokens(store: SegmentStore, tokenizer, limit: int = 2000) -> float:
     """Mean LM-token length of the first `limit` segments (title line included, as the LM reads them)."""
-    from qa.prompting import PromptTemplate, TextSegment
+    from lm.prompting import PromptTemplate, TextSegment
 
     template = PromptTemplate(tokenizer)
     lengths = []

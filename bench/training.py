@@ -23,8 +23,8 @@ import torch
 from bench.common import autocast, load_lm_template, questions, summary
 from bench.machine import PeakRSS, release_free_memory
 from data_prep.store import SegmentStore
+from lm.prompting import TextSegment
 from qa.batching import Batcher, Example, FeatureCache
-from qa.prompting import TextSegment
 from qa.systems import parse_system
 
 log = logging.getLogger(__name__)

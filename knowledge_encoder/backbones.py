@@ -11,100 +11,26 @@ All backbones here are frozen, so their outputs can be computed once per segment
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 
-from qa.prompting import PromptTemplate, TextSegment
+from knowledge_encoder.features import SegmentFeatures
+from lm.prompting import PromptTemplate, TextSegment
+
+# name -> backbone class; `knowledge_encoder.backbone` picks one, any other value is a Hugging Face encoder.
+BACKBONES: dict[str, type] = {}
 
 
-@dataclass
-class SegmentFeatures:
-    """Frozen features of N segments, right-padded to n tokens.
+def register_backbone(*names: str) -> Callable[[type], type]:
+    """Class decorator: a backbone class with `from_config(kcfg, lm, template, retriever_model, device)`, a
+    `feature_dim` (None for per-layer K,V features) and `features(segments) -> SegmentFeatures`."""
+    def add(cls: type) -> type:
+        for name in names:
+            BACKBONES[name] = cls
+        return cls
 
-    keys[l], values[l]: (N, H_kv, n, D) for `lm_kv`; hidden: (N, n, d) for the other backbones; mask: (N, n) bool;
-    scores[l]: (N, H_kv, n) importance of each cached K,V (KVzip) when the compressor selects positions;
-    ids: (N, n) the LM token ids read (right-padded), for an encoder that runs its own adapted encode pass.
-    """
-
-    mask: torch.Tensor
-    keys: list[torch.Tensor] | None = None
-    values: list[torch.Tensor] | None = None
-    hidden: torch.Tensor | None = None
-    scores: list[torch.Tensor] | None = None
-    ids: torch.Tensor | None = None
-
-    def split(self) -> list[SegmentFeatures]:
-        """One unpadded SegmentFeatures per segment (for a per-segment cache)."""
-        out = []
-        for i, length in enumerate(self.mask.sum(1).tolist()):
-            out.append(
-                SegmentFeatures(
-                    mask=self.mask[i : i + 1, :length].clone(),
-                    keys=None if self.keys is None else [k[i : i + 1, :, :length].clone() for k in self.keys],
-                    values=None if self.values is None else [v[i : i + 1, :, :length].clone() for v in self.values],
-                    hidden=None if self.hidden is None else self.hidden[i : i + 1, :length].clone(),
-                    scores=None if self.scores is None else [t[i : i + 1, :, :length].clone() for t in self.scores],
-                    ids=None if self.ids is None else self.ids[i : i + 1, :length].clone(),
-                )
-            )
-        return out
-
-    @staticmethod
-    def pad_stack(parts: Sequence[SegmentFeatures]) -> SegmentFeatures:
-        """Right-pad single-segment features to the longest and stack them: N x (1, ..., n_i, ...) -> (N, ..., n, ...)."""
-        n = max(p.mask.shape[1] for p in parts)
-
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            extra = n - t.shape[dim]
-            if extra == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = extra
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
-
-        first = parts[0]
-        return SegmentFeatures(
-            mask=torch.cat([pad(p.mask, 1) for p in parts]),
-            keys=None if first.keys is None else [
-                torch.cat([pad(p.keys[layer], 2) for p in parts]) for layer in range(len(first.keys))
-            ],
-            values=None if first.values is None else [
-                torch.cat([pad(p.values[layer], 2) for p in parts]) for layer in range(len(first.values))
-            ],
-            hidden=None if first.hidden is None else torch.cat([pad(p.hidden, 1) for p in parts]),
-            scores=None if first.scores is None else [
-                torch.cat([pad(p.scores[layer], 2) for p in parts]) for layer in range(len(first.scores))
-            ],
-            ids=None if first.ids is None else torch.cat([pad(p.ids, 1) for p in parts]),
-        )
-
-    def truncate(self, lengths: torch.Tensor) -> SegmentFeatures:
-        """The features of each segment's first lengths[i] tokens: (N, ..., n) -> (N, ..., max(lengths)).
-
-        Exact for the LM backbones only: a causal LM's K,V of a token do not depend on the tokens after it.
-        """
-        width = int(lengths.max())
-        keep = torch.arange(width, device=self.mask.device)[None, :] < lengths.to(self.mask.device)[:, None]
-        return SegmentFeatures(
-            mask=self.mask[:, :width] & keep,
-            keys=None if self.keys is None else [k[:, :, :width] for k in self.keys],
-            values=None if self.values is None else [v[:, :, :width] for v in self.values],
-            hidden=None if self.hidden is None else self.hidden[:, :width],
-            scores=None if self.scores is None else [t[:, :, :width] for t in self.scores],
-            ids=None if self.ids is None else self.ids[:, :width],
-        )
-
-    def to(self, device=None, dtype=None) -> SegmentFeatures:
-        return SegmentFeatures(
-            mask=self.mask.to(device),
-            keys=None if self.keys is None else [k.to(device=device, dtype=dtype) for k in self.keys],
-            values=None if self.values is None else [v.to(device=device, dtype=dtype) for v in self.values],
-            hidden=None if self.hidden is None else self.hidden.to(device=device, dtype=dtype),
-            scores=None if self.scores is None else [t.to(device=device, dtype=dtype) for t in self.scores],
-            ids=None if self.ids is None else self.ids.to(device),
-        )
+    return add
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +43,7 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torc
     return ids, mask
 
 
+@register_backbone("lm_kv", "lm_layers")
 class LMBackbone:
     """The frozen LM reading a segment on its own: its per-layer K,V (`lm_kv`) or lower hidden states.
 
@@ -137,14 +64,20 @@ class LMBackbone:
         self.lm_layers = lm_layers
         self.scores = scores
 
+    @classmethod
+    def from_config(cls, kcfg, lm, template: PromptTemplate, retriever_model: str, device) -> LMBackbone:
+        scores = "kvzip" if feature_kind(kcfg) == "lm_kv+kvzip" else None
+        return cls(lm, template, kcfg.max_segment_tokens, kind=kcfg.backbone, lm_layers=kcfg.lm_layers, scores=scores)
+
     @property
     def name(self) -> str:
         """What the features hold (a feature cache serves one name)."""
         return self.kind + (f"+{self.scores}" if self.scores else "")
 
     @property
-    def feature_dim(self) -> int:
-        return self.lm.config.hidden_size
+    def feature_dim(self) -> int | None:
+        """Width of hidden-state features; None for `lm_kv` (per-layer K,V in the LM's own attention shape)."""
+        return None if self.kind == "lm_kv" else self.lm.config.hidden_size
 
     def tokenize(self, segments: Sequence[TextSegment]) -> list[list[int]]:
         return [self.template.segment_ids(s, self.max_tokens) for s in segments]
@@ -175,6 +108,7 @@ class LMBackbone:
         return self.features_from_ids(self.tokenize(segments))
 
 
+@register_backbone("retriever")
 class EncoderBackbone:
     """A frozen Hugging Face encoder (e.g. the retriever's MiniLM) giving token states (N, n, d)."""
 
@@ -185,6 +119,14 @@ class EncoderBackbone:
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.model.requires_grad_(False)
         self.max_tokens = max_tokens
+
+    @classmethod
+    def from_config(cls, kcfg, lm, template, retriever_model: str, device) -> EncoderBackbone:
+        """`retriever` reads with `retriever.model`; any other value is an HF encoder id or path."""
+        from configs.models import resolve_encoder_path
+
+        spec = retriever_model if kcfg.backbone == "retriever" else kcfg.backbone
+        return cls(resolve_encoder_path(spec), kcfg.max_segment_tokens, device)
 
     @property
     def feature_dim(self) -> int:
@@ -219,16 +161,7 @@ def feature_kind(kcfg) -> str:
 
 
 def build_backbone(kcfg, lm, template: PromptTemplate, retriever_model: str, device):
-    """The backbone a knowledge encoder config (`KnowledgeEncoderConfig`) reads with.
-
-    `lm_kv` / `lm_layers` read with the frozen LM (`lm_kv` also scores its K,V when the compressor selects);
-    `retriever` or an HF id/path read with that encoder.
-    """
-    if kcfg.backbone in ("lm_kv", "lm_layers"):
-        scores = "kvzip" if feature_kind(kcfg) == "lm_kv+kvzip" else None
-        return LMBackbone(lm, template, kcfg.max_segment_tokens, kind=kcfg.backbone, lm_layers=kcfg.lm_layers,
-                          scores=scores)
-    from configs.models import resolve_encoder_path
-
-    spec = retriever_model if kcfg.backbone == "retriever" else kcfg.backbone
-    return EncoderBackbone(resolve_encoder_path(spec), kcfg.max_segment_tokens, device)
+    """The backbone a knowledge encoder config (`KnowledgeEncoderConfig`) reads with: a registered name
+    (`BACKBONES`), else `kcfg.backbone` is a Hugging Face encoder id or path."""
+    cls = BACKBONES.get(kcfg.backbone, EncoderBackbone)
+    return cls.from_config(kcfg, lm, template, retriever_model, device)

@@ -19,10 +19,10 @@ from torch import nn
 
 from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.adapter import EncodeAdapter
-from knowledge_encoder.backbones import SegmentFeatures
 from knowledge_encoder.compress import KVAttentionPool, KVSelect, slot_mask
-from knowledge_encoder.prefix import Prefix
+from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.rope import Rope
+from lm.prefix import Prefix
 
 
 def lm_dims(config) -> tuple[int, int, int]:
@@ -142,6 +142,7 @@ class KnowledgeEncoder(nn.Module):
         """`lm` (the frozen LM, held by reference, never a sub-module) is needed by an encode adapter only."""
         super().__init__()
         self.cfg = cfg
+        self.feature_dim = feature_dim
         num_layers, kv_heads, head_dim = lm_dims(lm_config)
         self.slots = cfg.prefix_slots or 0  # 0 = one slot per segment token
         self.next_position = cfg.max_segment_tokens

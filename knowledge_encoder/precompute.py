@@ -23,10 +23,10 @@ from configs.models import load_lm
 from data_prep.atomic import sha256_file
 from data_prep.store import SegmentStore
 from knowledge_encoder.backbones import build_backbone
-from knowledge_encoder.prefix import Prefix
 from knowledge_encoder.prefix_store import PrefixStoreWriter
+from lm.prefix import Prefix
+from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import ENCODER_WEIGHTS, load_models, read_manifest
-from qa.prompting import PromptTemplate, TextSegment
 from qa.system import default_checkpoint
 
 log = logging.getLogger("knowledge_encoder.precompute")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.atomic import atomic_write_json
 from knowledge_encoder import prefix_codec
-from knowledge_encoder.prefix import Prefix
+from lm.prefix import Prefix
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from knowledge_encoder.prefix import Prefix
+from lm.prefix import Prefix
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STORE_DTYPES = (*DTYPES, "int8")

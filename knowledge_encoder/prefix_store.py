@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from configs.errors import UserError
 from data_prep.atomic import atomic_write_json
 from knowledge_encoder import prefix_codec
-from knowledge_encoder.prefix import Prefix
+from lm.prefix import Prefix
 
 MANIFEST = "manifest.json"
 

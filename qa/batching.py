@@ -1,7 +1,7 @@
 """From questions + retrieved segments to a system's tensors (`QABatch`), with a cache of frozen features.
 
 Prompts are left-padded so that answers (during training) and the generation point sit at the end of
-every row; `qa.lm_forward.prompt_positions` keeps RoPE positions independent of the padding.
+every row; `lm.forward.prompt_positions` keeps RoPE positions independent of the padding.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from knowledge_encoder.backbones import SegmentFeatures
+from knowledge_encoder.features import SegmentFeatures
+from lm.prompting import PromptTemplate, TextSegment
 from qa.model import IGNORE, QABatch
-from qa.prompting import PromptTemplate, TextSegment
 from qa.systems import SystemName
 
 

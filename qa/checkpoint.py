@@ -24,9 +24,9 @@ from configs.models import lm_fingerprint
 from configs.schema import Config, KnowledgeEncoderConfig
 from data_prep.atomic import atomic_dir, atomic_write_json
 from knowledge_encoder.encoder import KnowledgeEncoder
-from knowledge_encoder.prefix import Prefix
+from lm.prefix import Prefix
+from lm.prompting import PromptTemplate, TextSegment
 from qa.model import LossWeights, PrefixQAModel
-from qa.prompting import PromptTemplate, TextSegment
 from qa.static_prefix import StaticPrefix
 from qa.systems import SystemName, parse_system
 
@@ -104,6 +104,7 @@ def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Conf
                 save_file(state, str(sub / ENCODER_WEIGHTS))
                 info["knowledge_encoder"] = to_dict(model.encoder.cfg)
                 info["prefix_slots"] = model.encoder.slots
+                info["feature_dim"] = model.encoder.feature_dim
             if model.static is not None:
                 model.static.save(sub)
                 info["static_slots"] = model.static.slots
@@ -141,7 +142,7 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
         encoder = static = None
         if system.kind.dynamic:
             kcfg = KnowledgeEncoderConfig(**manifest["systems"][name]["knowledge_encoder"])
-            dim = (feature_dims or {}).get(kcfg.backbone)
+            dim = manifest["systems"][name].get("feature_dim") or (feature_dims or {}).get(kcfg.backbone)
             encoder = KnowledgeEncoder(kcfg, lm.config, dim, lm=lm)
             encoder.load_state_dict(load_file(str(sub / ENCODER_WEIGHTS)))
         if system.kind.static:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from knowledge_encoder.backbones import SegmentFeatures
 from knowledge_encoder.encoder import KnowledgeEncoder
-from knowledge_encoder.prefix import Prefix
-from qa.lm_forward import forward_with_prefix
+from knowledge_encoder.features import SegmentFeatures
+from lm.forward import forward_with_prefix
+from lm.prefix import Prefix
 from qa.static_prefix import StaticPrefix
 from qa.systems import SystemName
 

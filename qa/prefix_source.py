@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from knowledge_encoder.prefix import Prefix
 from knowledge_encoder.prefix_cache import PrefixCache
 from knowledge_encoder.prefix_codec import stack_segments
 from knowledge_encoder.prefix_store import PrefixStore
+from lm.prefix import Prefix
 from qa.batching import Batcher, Example, FeatureCache
 
 

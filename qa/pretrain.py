@@ -34,12 +34,13 @@ from configs.schema import Config
 from data_prep.atomic import atomic_dir, atomic_write_json
 from data_prep.split import in_split
 from data_prep.store import SegmentStore
-from knowledge_encoder.backbones import SegmentFeatures, build_backbone
-from knowledge_encoder.prefix import Prefix
+from knowledge_encoder.backbones import build_backbone
+from knowledge_encoder.features import SegmentFeatures
+from lm.forward import forward_with_prefix
+from lm.prefix import Prefix
+from lm.prompting import PromptTemplate, TextSegment
 from qa.batching import FeatureCache, left_pad
 from qa.checkpoint import new_model, save_checkpoint
-from qa.lm_forward import forward_with_prefix
-from qa.prompting import PromptTemplate, TextSegment
 from qa.systems import parse_system
 from qa.train import lr_lambda
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from configs.errors import UserError
 from knowledge_encoder.encoder import lm_dims
-from knowledge_encoder.prefix import Prefix
+from lm.prefix import Prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

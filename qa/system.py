@@ -2,7 +2,7 @@
 
     qa = QASystem.from_config(cfg, systems=["dynamic_prefix", "rag_text"])
     qa.answer(["Who founded Velmora Works?"], mode="dynamic_prefix") -> list[Prediction]
-    qa.generate(questions) -> list[str]          # FlashRAG-style, in cfg.qa.mode
+    lm.generate(questions) -> list[str]          # FlashRAG-style, in cfg.qa.mode
 
 The gold segment is never used here; evaluation passes explicit `hits` only for named ablations
 (`~random`, `~gold`).
@@ -23,12 +23,12 @@ from configs.loader import to_dict
 from configs.models import load_lm
 from configs.schema import Config
 from knowledge_encoder.backbones import build_backbone, feature_kind
-from knowledge_encoder.prefix import Prefix
+from lm.generate import StopTokens, greedy_generate
+from lm.prefix import Prefix
+from lm.prompting import PromptTemplate, TextSegment
 from qa.batching import Batcher, Example, FeatureCache
 from qa.checkpoint import load_models, read_manifest
-from qa.generate import StopTokens, greedy_generate
 from qa.model import PrefixQAModel, QABatch
-from qa.prompting import PromptTemplate, TextSegment
 from qa.systems import SystemName, parse_system
 
 log = logging.getLogger(__name__)

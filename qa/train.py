@@ -40,10 +40,10 @@ from configs.schema import Config
 from data_prep.atomic import atomic_dir, atomic_write_json
 from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone, feature_kind
+from lm.prompting import PromptTemplate
 from qa.batching import Batcher, FeatureCache
 from qa.checkpoint import init_encoder_from, new_model, save_checkpoint
 from qa.joint_retriever import JointRetriever, candidate_logprobs, check_joint_config, marginal_nll
-from qa.prompting import PromptTemplate
 from qa.retrieval_cache import cached_hits
 from qa.system import QASystem
 from qa.systems import parse_systems
@@ -94,7 +94,7 @@ class Trainer:
         backbone = build_backbone(kcfg, self.lm, self.template, cfg.retriever.model, accelerator.device)
         self.cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
         self.batcher = Batcher(self.template, self.cache, accelerator.device)
-        feature_dim = None if kcfg.backbone == "lm_kv" else backbone.feature_dim
+        feature_dim = backbone.feature_dim
         self.models, self.opts, self.scheds = {}, {}, {}
         for system in self.systems:
             model = new_model(system, cfg, self.lm, self.template, feature_dim)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_prep.records import QAExample
+from lm.prompting import TextSegment
 from qa.batching import Example
-from qa.prompting import TextSegment
 
 
 @dataclass

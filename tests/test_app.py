@@ -36,8 +36,8 @@ def build_tiny_demo(root: Path, checkpoint: bool = True) -> list[str]:
     from transformers import AutoTokenizer
 
     from configs.models import resolve_lm_path
+    from lm.prompting import PromptTemplate
     from qa.checkpoint import new_model, save_checkpoint
-    from qa.prompting import PromptTemplate
     from qa.systems import parse_system
     from retriever import index as index_cli
     from retriever.encoder import Encoder

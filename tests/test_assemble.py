@@ -7,9 +7,9 @@ import torch
 
 from configs.errors import UserError
 from configs.schema import Config
+from lm.prompting import PromptTemplate
 from qa.assemble import assemble, encoder_overrides, main
 from qa.checkpoint import load_models, new_model, read_manifest, save_checkpoint
-from qa.prompting import PromptTemplate
 from qa.systems import parse_system
 from tests.conftest import make_tiny_llama
 

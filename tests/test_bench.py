@@ -264,10 +264,10 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     from knowledge_encoder.backbones import build_backbone
     from knowledge_encoder.precompute import encoder_sha256, prefix_dir
     from knowledge_encoder.prefix_store import PrefixStore
+    from lm.prompting import TextSegment
     from qa.batching import Batcher, Example
     from qa.checkpoint import new_model
     from qa.prefix_source import PrefixSource
-    from qa.prompting import TextSegment
     from qa.system import QASystem
     from qa.systems import parse_system
 

@@ -11,9 +11,9 @@ from configs.errors import UserError
 from configs.schema import Config
 from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.prefix_store import PrefixStore, PrefixStoreWriter
+from lm.forward import forward_with_prefix
+from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import load_models, new_model, read_manifest, save_checkpoint
-from qa.lm_forward import forward_with_prefix
-from qa.prompting import PromptTemplate, TextSegment
 from qa.static_prefix import StaticPrefix
 from qa.systems import parse_system
 from tests.conftest import make_tiny_llama

@@ -11,11 +11,11 @@ from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.compress import KVAttentionPool, KVSelect
 from knowledge_encoder.encoder import KnowledgeEncoder, lm_dims
-from knowledge_encoder.prefix import Prefix
 from knowledge_encoder.rope import Rope
-from qa.generate import StopTokens, greedy_generate
-from qa.lm_forward import forward_with_prefix
-from qa.prompting import PromptTemplate, TextSegment
+from lm.forward import forward_with_prefix
+from lm.generate import StopTokens, greedy_generate
+from lm.prefix import Prefix
+from lm.prompting import PromptTemplate, TextSegment
 from tests.conftest import make_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")

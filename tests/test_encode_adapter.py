@@ -8,9 +8,9 @@ import torch
 from configs.schema import Config, KnowledgeEncoderConfig
 from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder
+from lm.forward import forward_with_prefix
+from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import load_models, new_model, save_checkpoint
-from qa.lm_forward import forward_with_prefix
-from qa.prompting import PromptTemplate, TextSegment
 from qa.systems import parse_system
 from tests.conftest import make_tiny_llama
 

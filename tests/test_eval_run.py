@@ -37,8 +37,8 @@ def world(tmp_path_factory, smol_tokenizer):
     from configs.schema import SyntheticConfig
     from data_prep.build import build_store
     from data_prep.synthetic import write_world
+    from lm.prompting import PromptTemplate
     from qa.checkpoint import new_model, save_checkpoint
-    from qa.prompting import PromptTemplate
     from qa.systems import parse_system
     from retriever.index import build_index
     from retriever.testing import make_tiny_encoder, words_of

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from knowledge_encoder.encoder import lm_dims
-from knowledge_encoder.prefix import Prefix
-from qa.generate import StopTokens, greedy_generate
-from qa.lm_forward import forward_with_prefix, prompt_positions
+from lm.forward import forward_with_prefix, prompt_positions
+from lm.generate import StopTokens, greedy_generate
+from lm.prefix import Prefix
 from tests.conftest import make_tiny_llama
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from configs.errors import UserError
 from configs.loader import load_config
+from lm.prompting import TextSegment
 from qa.batching import Example
 from qa.joint_retriever import (
     JointRetriever,
@@ -20,7 +21,6 @@ from qa.joint_retriever import (
     single_segment_examples,
 )
 from qa.model import IGNORE, answer_ce, answer_logprob
-from qa.prompting import TextSegment
 from tests.test_train import run_train, share_run_data
 from tests.tiny_run import make_tiny_run
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from configs.schema import KnowledgeEncoderConfig
-from knowledge_encoder.backbones import LMBackbone, SegmentFeatures
+from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder, lm_dims
-from knowledge_encoder.prefix import Prefix
-from qa.lm_forward import forward_with_prefix
-from qa.prompting import PromptTemplate, TextSegment
+from knowledge_encoder.features import SegmentFeatures
+from lm.forward import forward_with_prefix
+from lm.prefix import Prefix
+from lm.prompting import PromptTemplate, TextSegment
 from tests.conftest import make_tiny_llama
 
 SEGMENTS = [

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from configs.models import load_lm, resolve_lm_path
-from qa.generate import StopTokens, greedy_generate
-from qa.prompting import PromptTemplate
+from lm.generate import StopTokens, greedy_generate
+from lm.prompting import PromptTemplate
 from tests.conftest import make_tiny_llama
 
 

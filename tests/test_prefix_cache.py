@@ -11,10 +11,10 @@ from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder
 from knowledge_encoder.prefix_cache import PrefixCache
 from knowledge_encoder.prefix_store import PrefixStore, PrefixStoreWriter
+from lm.prompting import PromptTemplate, TextSegment
 from qa.batching import Batcher, Example, FeatureCache
 from qa.model import PrefixQAModel
 from qa.prefix_source import PrefixSource
-from qa.prompting import PromptTemplate, TextSegment
 from qa.systems import parse_system
 
 pytestmark = pytest.mark.usefixtures("one_thread")

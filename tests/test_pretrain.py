@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from configs.errors import UserError
 from knowledge_encoder.backbones import LMBackbone
+from lm.prompting import PromptTemplate, TextSegment
 from qa.pretrain import main as pretrain_main
-from qa.prompting import PromptTemplate, TextSegment
 from qa.train import main as train_main
 from tests.tiny_run import make_tiny_run
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from knowledge_encoder.prefix import Prefix
-from qa.lm_forward import forward_with_prefix, prompt_positions, slot_bias
+from lm.forward import forward_with_prefix, prompt_positions, slot_bias
+from lm.prefix import Prefix
 
 
 @dataclass

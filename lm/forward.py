@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from knowledge_encoder.prefix import Prefix
+from lm.prefix import Prefix
 
 
 def prompt_positions(attention_mask: torch.Tensor, start: int) -> torch.Tensor:
