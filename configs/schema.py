@@ -228,6 +228,12 @@ class LMConfig:
 class QAConfig:
     checkpoint: str | None = opt(None, "trained checkpoint directory (run_dir/checkpoints/final by default)")
     mode: str = opt("dynamic_prefix", "system used by qa.answer and the app (a name from eval.systems)")
+    decoding: str = opt(
+        "free",
+        "answers of systems that read segments: `free` = greedy decoding; `span` = greedy over the tokens that keep "
+        "the answer a piece of the retrieved segments' text (extractive answers)",
+        choices=("free", "span"),
+    )
 
 
 @dataclass

@@ -70,6 +70,8 @@ def setups(
                 "query_prefix": cfg.retriever.query_prefix,
                 "live": sha256_file(live) if live.is_file() else None,
             }
+            if cfg.qa.decoding != "free":  # absent for free decoding, so earlier predictions stay valid
+                setup["decoding"] = cfg.qa.decoding
         if run.system.ablation:
             setup["ablation_seed"] = cfg.seed
         if run.system.trainable:

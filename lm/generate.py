@@ -47,10 +47,12 @@ def greedy_generate(
     stop: StopTokens,
     max_new_tokens: int,
     on_token: Callable[[int, int], None] | None = None,
+    choose: Callable[[int, torch.Tensor, list[int]], int] | None = None,
 ) -> list[list[int]]:
     """Generate for a left-padded batch (B, T). Returns the new token ids per row, stop token excluded.
 
     `on_token(row, token_id)` is called for every kept token as it is produced (for streaming).
+    `choose(row, logits (V,), tokens_so_far) -> token_id` replaces the argmax (e.g. `lm.span.SpanConstraint`).
     """
     batch = input_ids.shape[0]
     out = forward_with_prefix(lm, input_ids, attention_mask, prefix, logits_to_keep=1)
@@ -63,6 +65,10 @@ def greedy_generate(
     logits = out.logits[:, -1]
     for _ in range(max_new_tokens):
         next_ids = logits.argmax(-1)
+        if choose is not None:
+            for row in range(batch):
+                if not done[row]:
+                    next_ids[row] = choose(row, logits[row], results[row])
         for row, tid in enumerate(next_ids.tolist()):
             if done[row]:
                 continue

@@ -2,7 +2,7 @@
 
     qa = QASystem.from_config(cfg, systems=["dynamic_prefix", "rag_text"])
     qa.answer(["Who founded Velmora Works?"], mode="dynamic_prefix") -> list[Prediction]
-    lm.generate(questions) -> list[str]          # FlashRAG-style, in cfg.qa.mode
+    qa.generate(questions) -> list[str]          # FlashRAG-style, in cfg.qa.mode
 
 The gold segment is never used here; evaluation passes explicit `hits` only for named ablations
 (`~random`, `~gold`).
@@ -26,6 +26,7 @@ from knowledge_encoder.backbones import build_backbone, feature_kind
 from lm.generate import StopTokens, greedy_generate
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
+from lm.span import SpanConstraint
 from qa.batching import Batcher, Example, FeatureCache
 from qa.checkpoint import load_models, read_manifest
 from qa.model import PrefixQAModel, QABatch
@@ -218,8 +219,12 @@ class QASystem:
             batch, prefix = self.prepare(system, model, examples)
             t2 = time.perf_counter()
             stream = None if on_token is None else _Streamer(self.tokenizer, on_token, start, len(chunk))
+            choose = None
+            if self.cfg.qa.decoding == "span" and system.kind.retrieves:
+                texts = [[f"{h.title}\n{h.text}" for h in hs] for hs in chunk_hits]
+                choose = SpanConstraint(self.tokenizer, texts, self.stop)
             generated = greedy_generate(self.lm, batch.input_ids, batch.attention_mask, prefix, self.stop,
-                                        self.cfg.lm.max_new_tokens, on_token=stream)
+                                        self.cfg.lm.max_new_tokens, on_token=stream, choose=choose)
             t3 = time.perf_counter()
             n = len(chunk)
             timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1) * 1e3 / n,
