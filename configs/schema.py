@@ -250,7 +250,10 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(20, "linear warmup steps")
     static_slots: int = opt(16, "virtual tokens of the peft prefix of static_prefix and rag_text_tuned")
-    force_gold: bool = opt(True, "put the gold segment first among the retrieved ones during training only")
+    force_gold: bool = opt(True, "training only: when retrieval missed the gold segment, it replaces the lowest-ranked "
+                           "of the top-k (with top_k = 5: gold + 4 retrieved hard negatives)")
+    shuffle_segments: bool = opt(False, "training only: put each question's k segments in a random order (seeded), so "
+                                 "the reader learns to pick the segment that answers rather than a position")
     retrieval: str = opt("cached", "`cached`: top-k per question retrieved once, fingerprinted by index, encoder and "
                          "store (the only mode: the index stays fixed during training, so an online search would "
                          "return the same hits)", choices=("cached",))

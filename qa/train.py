@@ -163,7 +163,9 @@ class Trainer:
         else:
             k = 0
         stats = ExampleStats()
-        self.train_examples = make_examples(train_qa, train_hits, k, self.store, cfg.train.force_gold and k > 0, stats)
+        shuffle = cfg.seed if cfg.train.shuffle_segments else None
+        self.train_examples = make_examples(train_qa, train_hits, k, self.store, cfg.train.force_gold and k > 0, stats,
+                                            shuffle_seed=shuffle)
         dev_gold = cfg.train.dev_force_gold and k > 0
         self.dev_examples = sample_dev(make_examples(dev_qa, dev_hits, k, self.store, dev_gold), cfg.train.dev_limit,
                                        cfg.seed)

@@ -25,9 +25,11 @@ class ExampleStats:
 
 
 def make_examples(qa: Sequence[QAExample], hits: dict[str, list], k: int, store=None, force_gold: bool = False,
-                  stats: ExampleStats | None = None) -> list[Example]:
+                  stats: ExampleStats | None = None, shuffle_seed: int | None = None) -> list[Example]:
     """One Example per question with its top-k hits. With `force_gold` (training only) the gold segment
-    replaces the lowest-ranked hit when retrieval missed it; questions without a gold segment are skipped."""
+    replaces the lowest-ranked hit when retrieval missed it; questions without a gold segment are skipped.
+    With `shuffle_seed` the k segments of each question are put in a random order (seeded by the seed and
+    the question id), so a reader cannot learn that the answer sits in the first one."""
     out = []
     stats = stats if stats is not None else ExampleStats()
     for ex in qa:
@@ -44,6 +46,8 @@ def make_examples(qa: Sequence[QAExample], hits: dict[str, list], k: int, store=
                 stats.gold_forced += 1
         if len(seg_pairs) < k:
             continue
+        if shuffle_seed is not None:
+            random.Random(f"{shuffle_seed}\x00{ex.id}").shuffle(seg_pairs)
         out.append(Example(
             question=ex.question,
             segments=[s for _, s in seg_pairs],
