@@ -226,7 +226,11 @@ class LMConfig:
 
 @dataclass
 class QAConfig:
-    checkpoint: str | None = opt(None, "trained checkpoint directory (run_dir/checkpoints/final by default)")
+    checkpoint: str | None = opt(
+        None,
+        "trained checkpoint directory; null = run_dir/checkpoints/final when a run trained one, else the model that "
+        "ships in models/smollm2-135m-squad (for lm.model=embedded:smollm2-135m)",
+    )
     mode: str = opt("dynamic_prefix", "system used by qa.answer and the app (a name from eval.systems)")
     decoding: str = opt(
         "free",

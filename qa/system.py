@@ -47,8 +47,24 @@ class Prediction:
     prefix_slots: int = 0
 
 
+# The trained model that ships with the repo (for the embedded SmolLM2-135M): models/<name>/, checkpoint layout.
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-squad"
+EMBEDDED_LM = "embedded:smollm2-135m"
+
+
 def default_checkpoint(cfg: Config) -> Path:
-    return Path(cfg.qa.checkpoint) if cfg.qa.checkpoint else Path(cfg.run_dir) / "checkpoints" / "final"
+    """`qa.checkpoint` when set; else run_dir/checkpoints/final when a run trained one; else the shipped model,
+    for the embedded LM only (another LM needs a checkpoint trained for it: refused with what to do)."""
+    if cfg.qa.checkpoint:
+        return Path(cfg.qa.checkpoint)
+    trained = Path(cfg.run_dir) / "checkpoints" / "final"
+    if (trained / "manifest.json").is_file() or not (SHIPPED_MODEL / "manifest.json").is_file():
+        return trained
+    if cfg.lm.model != EMBEDDED_LM:
+        raise UserError(f"no checkpoint for lm.model={cfg.lm.model}: {trained} does not exist and the shipped model "
+                        f"({SHIPPED_MODEL.name}) is for {EMBEDDED_LM}; train one with `python -m qa.train --config C` "
+                        "or set qa.checkpoint=DIR")
+    return SHIPPED_MODEL
 
 
 def checkpoint_name(system: SystemName, held: Sequence[str]) -> str:
