@@ -4,12 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.install-stamp
 CONFIG ?= configs/default.yaml
-# `make demo` has its own demo-sized recipe; `make demo DEMO_CONFIG=...` picks another.
+# `make demo` serves the shipped model on real text; `make demo-train` trains from scratch on the synthetic world.
 DEMO_CONFIG ?= configs/demo.yaml
+DEMO_TRAIN_CONFIG ?= configs/demo-train.yaml
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint demo bench clean-run
+.PHONY: install test lint demo demo-train bench clean-run
 
 install: $(STAMP)
 
@@ -30,6 +31,9 @@ test: install
 
 demo: install
 	bash scripts/demo.sh $(DEMO_CONFIG)
+
+demo-train: install
+	bash scripts/demo_train.sh $(DEMO_TRAIN_CONFIG)
 
 bench: install
 	$(PY) -m bench.run --config $(CONFIG)

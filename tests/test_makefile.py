@@ -27,3 +27,7 @@ def test_make_demo_uses_the_demo_config_not_the_default_one():
 
 def test_make_bench_uses_the_comparison_config():
     assert "bench.run --config configs/default.yaml" in _dry_run("bench")
+
+
+def test_make_demo_train_runs_the_synthetic_pipeline():
+    assert "scripts/demo_train.sh configs/demo-train.yaml" in _dry_run("demo-train")
