@@ -251,6 +251,8 @@ class TrainConfig:
     batch_size: int = opt(8, "questions per step (per process)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(3e-3, "peak learning rate (AdamW, linear warmup then cosine decay)")
+    pool_lr_scale: float = opt(1.0, "learning rate of a compressor's pooling parameters (queries, slot biases) as a "
+                               "multiple of train.lr")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(20, "linear warmup steps")
     static_slots: int = opt(16, "virtual tokens of the peft prefix of static_prefix and rag_text_tuned")

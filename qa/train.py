@@ -63,6 +63,19 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def param_groups(model, tcfg) -> list[dict]:
+    """AdamW groups: the compressor's pooling queries at train.pool_lr_scale x train.lr (they start at zero and
+    must grow to the keys' scale before content, not only position, decides what a slot pools), the rest at lr."""
+    pool, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (pool if ".pool." in f".{name}" else rest).append(p)
+    groups = [{"params": rest}]
+    if pool:
+        groups.append({"params": pool, "lr": tcfg.lr * tcfg.pool_lr_scale})
+    return groups
+
+
 def exact_match(prediction: str, answers: list[str]) -> bool:
     from eval.metrics import exact_match as em
 
@@ -103,8 +116,7 @@ class Trainer:
                 log.info("%s starts from the knowledge encoder in %s (%s)", system, cfg.train.init_from,
                          ", ".join(loaded))
             model = model.to(accelerator.device)
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            opt = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
             model, opt, sched = accelerator.prepare(model, opt, sched)
             self.models[str(system)], self.opts[str(system)], self.scheds[str(system)] = model, opt, sched

@@ -169,3 +169,20 @@ def test_slot_bias_refused_without_sdpa(smol_tokenizer):
     ids = torch.tensor([[5, 6]])
     with pytest.raises(ValueError, match="sdpa"):
         forward_with_prefix(lm, ids, torch.ones_like(ids), prefix)
+
+
+def test_pool_lr_scale_puts_the_pooling_parameters_in_their_own_group(smol_tokenizer, tiny_llama):
+    from configs.schema import Config
+    from qa.checkpoint import new_model
+    from qa.systems import parse_system
+    from qa.train import param_groups
+
+    cfg = Config()
+    cfg.train.pool_lr_scale = 10.0
+    cfg.knowledge_encoder.slot_bias = True
+    model = new_model(parse_system("dynamic_prefix@p4"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
+    rest, pool = param_groups(model, cfg.train)
+    assert {id(p) for p in pool["params"]} == {id(model.encoder.pool.queries), id(model.encoder.pool.bias_offset)}
+    assert pool["lr"] == 10 * cfg.train.lr and "lr" not in rest
+    full = new_model(parse_system("dynamic_prefix@pfull"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
+    assert len(param_groups(full, cfg.train)) == 1
