@@ -17,8 +17,9 @@ A measurement starts before the prompt is tokenized and ends when the last token
   dynamic, precomputed     tokenize -> read k prefixes from the prefix store -> prefill -> decode
 Time to first token is when `greedy_generate` emits the first token (after the prefill).
 
-The dynamic systems are freshly initialised (`qa.checkpoint.new_model`): latency depends on shapes
-(P, k, L, heads), not on trained weights. The prefix store is built for the benchmark in
+The dynamic systems are freshly initialised (`qa.checkpoint.new_model`), or, with `bench.qa_checkpoint`, read
+from a trained checkpoint (a compressed encoder's latency depends on its shapes, P, k, L and heads, and on
+what it computes, e.g. an encode adapter, not on the trained values). The prefix store is built for the benchmark in
 `bench.work_dir` from that untrained checkpoint, over the segments the timed questions retrieve (a
 subset store: precomputing every segment of the corpus is a separate, longer job).
 """
@@ -108,7 +109,8 @@ def build_prefix_store(cfg, lm, template, models: dict, segment_ids: list[int], 
         },
     )
     checkpoint = work / "checkpoints" / "final"
-    save_checkpoint(checkpoint, models, wcfg, lm.config, {"note": "untrained, for latency benchmarks only"})
+    note = f"copied from {cfg.bench.qa_checkpoint}" if cfg.bench.qa_checkpoint else "untrained"
+    save_checkpoint(checkpoint, models, wcfg, lm.config, {"note": f"{note}, for latency benchmarks only"})
     report = precompute(wcfg, list(models), progress=progress)
     store_fp = SegmentStore.open(work / "store").fingerprint
     stores = {
@@ -222,15 +224,21 @@ def run(cfg, progress: bool = True) -> dict:
     systems = [parse_system(s) for s in b.qa_systems]
     dynamic = [s for s in systems if s.kind.dynamic]
     torch.manual_seed(cfg.seed)
-    models = {
-        str(s): new_model(
-            s, cfg, lm, template, None if cfg.knowledge_encoder.backbone == "lm_kv" else lm.config.hidden_size
-        )
-        .to(device)
-        .eval()
-        .requires_grad_(False)
-        for s in dynamic
-    }
+    if b.qa_checkpoint:
+        from qa.checkpoint import load_models
+
+        models = load_models(Path(b.qa_checkpoint), [str(s) for s in dynamic], lm,
+                             {"lm_layers": lm.config.hidden_size}, cfg.lm.model)
+    else:
+        models = {
+            str(s): new_model(
+                s, cfg, lm, template, None if cfg.knowledge_encoder.backbone == "lm_kv" else lm.config.hidden_size
+            )
+            .to(device)
+            .eval()
+            .requires_grad_(False)
+            for s in dynamic
+        }
     store_report, mapping, stores = None, {}, {}
     if models:
         mapping, stores, store_report = build_prefix_store(

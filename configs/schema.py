@@ -397,6 +397,8 @@ class BenchConfig:
     qa_k_values: list[int] = opt([1, 3, 5], "retrieved segments per question")
     qa_systems: list[str] = opt(["closed_book", "rag_text", "dynamic_prefix"],
                                 "systems timed; dynamic ones online and from a prefix store")
+    qa_checkpoint: str | None = opt(None, "a trained checkpoint holding the dynamic qa_systems to time (e.g. "
+                                    "models/smollm2-135m-squad); null = freshly initialised ones of the config")
     train_systems: list[str] = opt(["dynamic_prefix@p10", "dynamic_prefix@p32", "dynamic_prefix@pfull",
                                     "rag_text_tuned"], "systems whose qa.train step is timed")
     train_steps: int = opt(4, "timed training steps per system")
