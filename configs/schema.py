@@ -258,6 +258,9 @@ class TrainConfig:
     static_slots: int = opt(16, "virtual tokens of the peft prefix of static_prefix and rag_text_tuned")
     force_gold: bool = opt(True, "training only: when retrieval missed the gold segment, it replaces the lowest-ranked "
                            "of the top-k (with top_k = 5: gold + 4 retrieved hard negatives)")
+    train_segments_only: bool = opt(True, "training reads only segments of train articles: with top_k > 1 the "
+                                    "retrieved segments of dev/test articles are dropped and deeper hits used, so "
+                                    "no test article is read, even as a distractor, by any training command")
     shuffle_segments: bool = opt(False, "training only: put each question's k segments in a random order (seeded), so "
                                  "the reader learns to pick the segment that answers rather than a position")
     retrieval: str = opt("cached", "`cached`: top-k per question retrieved once, fingerprinted by index, encoder and "

@@ -63,6 +63,16 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def train_segment_ids(store: SegmentStore) -> set[int]:
+    """Ids of the segments whose article is in the train split (the store's own split rule)."""
+    from data_prep.split import in_split
+
+    rule = store.manifest.get("split_rule") or {}
+    titles = store.column("title").to_pylist()
+    return {i for i, t in enumerate(titles)
+            if in_split(t, "train", rule.get("seed", 0), rule.get("dev", 0.1), rule.get("test", 0.2))}
+
+
 def param_groups(model, tcfg) -> list[dict]:
     """AdamW groups: the compressor's pooling queries at train.pool_lr_scale x train.lr (they start at zero and
     must grow to the keys' scale before content, not only position, decides what a slot pools), the rest at lr."""
@@ -170,7 +180,13 @@ class Trainer:
             encoder = Encoder.from_config(cfg, dtype="float32") if cfg.train.joint_retriever else None
             self.retriever = Retriever.from_config(cfg, encoder=encoder)
             cache_dir = self.run_dir / "cache"
-            train_hits = cached_hits(self.retriever, train_qa, k, cache_dir, progress=self.acc.is_main_process)
+            if cfg.train.train_segments_only and k > 1:
+                # Retrieve deeper, then keep the train articles' segments: no test article is read in training.
+                keep = train_segment_ids(self.store)
+                deep = cached_hits(self.retriever, train_qa, k + 10, cache_dir, progress=self.acc.is_main_process)
+                train_hits = {q: [h for h in hs if h.segment_id in keep][:k] for q, hs in deep.items()}
+            else:
+                train_hits = cached_hits(self.retriever, train_qa, k, cache_dir, progress=self.acc.is_main_process)
             dev_hits = cached_hits(self.retriever, dev_qa, k, cache_dir, progress=self.acc.is_main_process)
         else:
             k = 0

@@ -53,3 +53,27 @@ def test_qa_train_reads_five_shuffled_segments(tiny_cfg, tmp_path):
                 "train.warmup_steps=1", "lm.max_new_tokens=2"])
     manifest = json.loads((run / "checkpoints" / "final" / "manifest.json").read_text())
     assert manifest["data"]["top_k"] == 5 and manifest["data"]["train_examples"] > 0
+
+
+def test_training_reads_no_segment_of_a_dev_or_test_article(tiny_cfg, tmp_path):
+    from accelerate import Accelerator
+
+    from configs.loader import load_config
+    from qa.train import Trainer, train_segment_ids
+
+    run = tmp_path / "run2"
+    run.mkdir()
+    for sub in ("store", "index"):
+        (run / sub).symlink_to(Path(tiny_cfg.run_dir) / sub)
+    args = [f"run_dir={run}", f"lm.model={tiny_cfg.lm.model}", f"retriever.model={tiny_cfg.retriever.model}",
+            "index.factory=Flat", "knowledge_encoder.max_segment_tokens=96", "retriever.top_k=5",
+            "train.systems=dynamic_prefix@p2", "train.dev_limit=2"]
+    store = SegmentStore.open(run / "store")
+    keep = train_segment_ids(store)
+    assert 0 < len(keep) < len(store)
+    trainer = Trainer(load_config(None, args), Accelerator(cpu=True))
+    assert trainer.train_examples and all(len(e.segment_ids) == 5 for e in trainer.train_examples)
+    assert all(sid in keep for e in trainer.train_examples for sid in e.segment_ids)
+    # with the rule off, the plain top-5 reads other articles' segments as distractors
+    loose = Trainer(load_config(None, args + ["train.train_segments_only=false"]), Accelerator(cpu=True))
+    assert any(sid not in keep for e in loose.train_examples for sid in e.segment_ids)
