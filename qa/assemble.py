@@ -62,7 +62,8 @@ def encoder_overrides(items: list[list[str]]) -> dict[str, dict]:
     return out
 
 
-def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = None, force: bool = False) -> dict:
+def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = None, force: bool = False,
+             metrics: list[Path] = ()) -> dict:
     out = Path(out)
     overrides = overrides or {}
     if (out / MANIFEST).exists() and not force:
@@ -103,8 +104,24 @@ def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = 
             manifest["systems"][name] = info
             manifest["assembled_from"].append({"checkpoint": str(src), "system": system, "as": name,
                                                "encoder_overrides": overrides.get(name)})
+        for path in metrics:
+            _add_metrics(manifest, Path(path))
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _add_metrics(manifest: dict, path: Path) -> None:
+    """Copy an eval.run metrics.json's rows of the assembled systems into their manifest entries."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"--metrics {path}: not a readable metrics.json ({err})") from err
+    rows = data.get("systems") or {}
+    setup = {"file": str(path), "n": data.get("n"), "split": data.get("split")}
+    for name, info in manifest["systems"].items():
+        for key in (name, *(k for k in rows if k.startswith(f"{name} k="))):
+            if key in rows:
+                info.setdefault("metrics", []).append({**setup, "row": key, **rows[key]})
 
 
 def _rewrite_config(path: Path, changes: dict) -> None:
@@ -122,8 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", nargs=2, action="append", default=[], metavar=("NAME", "KEY=VALUE,..."),
                         help="knowledge_encoder settings of the copy NAME (e.g. compressor=select,prefix_slots=32)")
     parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at OUT")
+    parser.add_argument("--metrics", action="append", default=[], metavar="METRICS_JSON",
+                        help="an eval.run metrics.json whose rows of the assembled systems go into the manifest")
     ns = parser.parse_args(argv)
-    manifest = assemble(Path(ns.out), ns.entries, encoder_overrides(ns.encoder), ns.force)
+    manifest = assemble(Path(ns.out), ns.entries, encoder_overrides(ns.encoder), ns.force, ns.metrics)
     print(json.dumps({"checkpoint": ns.out, "systems": list(manifest["systems"])}, indent=2))
     return 0
 

@@ -65,3 +65,19 @@ def test_assemble_refusals(tmp_path, smol_tokenizer, tiny_llama):
     assemble(tmp_path / "o6", [src])
     with pytest.raises(UserError, match="--force"):
         assemble(tmp_path / "o6", [src])
+
+
+def test_assemble_records_eval_metrics_of_its_systems(tmp_path, smol_tokenizer, tiny_llama):
+    import json
+
+    _checkpoint(tmp_path / "a", tiny_llama, smol_tokenizer, ["dynamic_prefix@pfull"], 5)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"n": 3, "split": "test", "systems": {
+        "dynamic_prefix@pfull": {"em": 0.5, "f1": 0.6}, "rag_text": {"em": 0.1}}}))
+    manifest = assemble(tmp_path / "o", [f"{tmp_path / 'a'}:dynamic_prefix@pfull"], metrics=[metrics])
+    rows = manifest["systems"]["dynamic_prefix@pfull"]["metrics"]
+    assert rows == [{"file": str(metrics), "n": 3, "split": "test", "row": "dynamic_prefix@pfull", "em": 0.5, "f1": 0.6}]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(UserError, match="metrics.json"):
+        assemble(tmp_path / "o2", [f"{tmp_path / 'a'}:dynamic_prefix@pfull"], metrics=[bad])
