@@ -256,7 +256,8 @@ def _setup_lines(m: dict) -> list[str]:
         else f"- **{m['n']} questions**: every question of split `{m['split']}`",
         f"  from `{c['store']}` (segments {c['store_fingerprint']}), seed {c['seed']}",
         f"- LM `{c['lm']}` ({c['lm_config'].get('num_hidden_layers')} layers), dtype {c['dtype']}, "
-        f"greedy, at most {c['max_new_tokens']} new tokens, device `{c['device']}`",
+        f"greedy{' over spans of the segments read (qa.decoding=span)' if c.get('decoding') == 'span' else ''}, "
+        f"at most {c['max_new_tokens']} new tokens, device `{c['device']}`",
         f"- retriever `{c['retriever']}`, index {index['factory']} ({index['ntotal']} segments, nprobe "
         f"{index['nprobe']}{_hybrid_note(index.get('hybrid'))}), k = {c['top_k']} segments read"
         if index

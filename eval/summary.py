@@ -202,6 +202,7 @@ def run_config(
         "device": str(device),
         "dtype": cfg.lm.dtype,
         "max_new_tokens": cfg.lm.max_new_tokens,
+        "decoding": cfg.qa.decoding,
         "retriever": cfg.retriever.model if retriever is not None else None,
         "index": None
         if retriever is None

@@ -183,3 +183,10 @@ def test_cli_rerenders_from_metrics_json(tmp_path, capsys):
 )
 def test_formatting(value, ci, shown):
     assert rep.fmt_ci(value, ci) == shown
+
+
+def test_report_says_when_answers_were_span_decoded(tmp_path):
+    m = fake_metrics(None)
+    assert "qa.decoding=span" not in rep.write_report(m, tmp_path / "free").read_text()
+    m["config"]["decoding"] = "span"
+    assert "qa.decoding=span" in rep.write_report(m, tmp_path / "span").read_text()
