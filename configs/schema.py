@@ -169,7 +169,7 @@ class KnowledgeEncoderConfig:
         choices=("pool", "select"),
     )
     pool_rope: str = opt(
-        "post",
+        "pre",
         "keys the `pool` compressor averages: `post` = the LM's RoPE-rotated keys (the first design), `pre` = keys "
         "with RoPE undone, each slot then rotated at its attention-weighted mean position (averaging rotated keys "
         "of several positions damps their high-frequency dimensions)",
@@ -185,7 +185,7 @@ class KnowledgeEncoderConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj"], "names of the LM's linear layers that the encode adapter adapts"
     )
     slot_bias: bool = opt(
-        False,
+        True,
         "give every pooled slot the attention logit bias log(n / P) plus a learned offset per head and slot, so P "
         "slots keep the attention mass of the n tokens they stand for (needs the LM's sdpa attention)",
     )
@@ -251,7 +251,7 @@ class TrainConfig:
     batch_size: int = opt(8, "questions per step (per process)")
     grad_accum: int = opt(1, "gradient accumulation steps")
     lr: float = opt(3e-3, "peak learning rate (AdamW, linear warmup then cosine decay)")
-    pool_lr_scale: float = opt(1.0, "learning rate of a compressor's pooling parameters (queries, slot biases) as a "
+    pool_lr_scale: float = opt(10.0, "learning rate of a compressor's pooling parameters (queries, slot biases) as a "
                                "multiple of train.lr")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(20, "linear warmup steps")

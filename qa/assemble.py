@@ -30,7 +30,7 @@ from configs.errors import UserError
 from configs.loader import config_from_dict
 from configs.schema import KnowledgeEncoderConfig
 from data_prep.atomic import atomic_dir, atomic_write_json
-from qa.checkpoint import MANIFEST, read_manifest
+from qa.checkpoint import LEGACY_ENCODER_KEYS, MANIFEST, read_manifest
 from qa.systems import parse_system
 
 PROVENANCE = ("step", "data", "train_seconds", "store_fingerprint", "qa_fingerprint", "created")
@@ -94,7 +94,7 @@ def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = 
             if name in overrides:
                 if "knowledge_encoder" not in info:
                     raise UserError(f"--encoder {name}: `{system}` has no knowledge encoder")
-                merged = {**info["knowledge_encoder"], **overrides[name]}
+                merged = {**LEGACY_ENCODER_KEYS, **info["knowledge_encoder"], **overrides[name]}
                 kcfg = config_from_dict({"knowledge_encoder": merged}, f"--encoder {name}").knowledge_encoder
                 info["knowledge_encoder"] = dataclasses.asdict(kcfg)
                 info["prefix_slots"] = kcfg.prefix_slots or 0

@@ -112,6 +112,16 @@ def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Conf
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
+# What a checkpoint saved before a knowledge_encoder key existed was trained with: a missing key means the
+# behaviour of that time, not today's default (pool_rope and slot_bias changed default when measured better).
+LEGACY_ENCODER_KEYS = {"pool_rope": "post", "slot_bias": False, "compressor": "pool", "encode_lora_rank": 0}
+
+
+def saved_encoder_config(saved: dict) -> KnowledgeEncoderConfig:
+    """The KnowledgeEncoderConfig a manifest describes, with LEGACY_ENCODER_KEYS for keys it predates."""
+    return KnowledgeEncoderConfig(**{**LEGACY_ENCODER_KEYS, **saved})
+
+
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -141,7 +151,7 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
         saved_cfg = config_from_dict(yaml.safe_load((sub / "config.yaml").read_text()), str(sub / "config.yaml"))
         encoder = static = None
         if system.kind.dynamic:
-            kcfg = KnowledgeEncoderConfig(**manifest["systems"][name]["knowledge_encoder"])
+            kcfg = saved_encoder_config(manifest["systems"][name]["knowledge_encoder"])
             dim = manifest["systems"][name].get("feature_dim") or (feature_dims or {}).get(kcfg.backbone)
             encoder = KnowledgeEncoder(kcfg, lm.config, dim, lm=lm)
             encoder.load_state_dict(load_file(str(sub / ENCODER_WEIGHTS)))

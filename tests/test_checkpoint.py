@@ -136,3 +136,22 @@ def test_init_from_another_system_loads_the_shared_weights(tmp_path, smol_tokeni
     wider = new_model(parse_system("dynamic_prefix@p3"), cfg, tiny_llama, template, None)
     with pytest.raises(UserError, match="another shape"):
         init_encoder_from(wider, f"{tmp_path / 'ck'}:dynamic_prefix@pfull", "dynamic_prefix@p3", tiny_llama.config)
+
+
+def test_checkpoint_saved_before_pool_rope_and_slot_bias_loads_as_it_was_trained(tmp_path, smol_tokenizer,
+                                                                                   tiny_llama):
+    """Regression: pool_rope and slot_bias changed default (to pre / true); a manifest that predates the keys
+    must load the post-RoPE pool without slot biases it was trained with, not today's defaults."""
+    cfg = Config()
+    cfg.knowledge_encoder.pool_rope = "post"
+    cfg.knowledge_encoder.slot_bias = False
+    model = new_model(parse_system("dynamic_prefix@p4"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
+    save_checkpoint(tmp_path / "old", {"dynamic_prefix@p4": model}, cfg, tiny_llama.config)
+    path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key in ("pool_rope", "slot_bias", "compressor", "encode_lora_rank"):
+        del manifest["systems"]["dynamic_prefix@p4"]["knowledge_encoder"][key]
+    path.write_text(json.dumps(manifest))
+    loaded = load_models(tmp_path / "old", ["dynamic_prefix@p4"], tiny_llama)["dynamic_prefix@p4"]
+    assert loaded.encoder.cfg.pool_rope == "post" and loaded.encoder.cfg.slot_bias is False
+    assert Config().knowledge_encoder.pool_rope == "pre" and Config().knowledge_encoder.slot_bias is True
