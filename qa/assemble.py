@@ -117,11 +117,14 @@ def _add_metrics(manifest: dict, path: Path) -> None:
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"--metrics {path}: not a readable metrics.json ({err})") from err
     rows = data.get("systems") or {}
-    setup = {"file": str(path), "n": data.get("n"), "split": data.get("split")}
+    sweep = data.get("k_sweep") or {}
+    setup = {"file": str(path), "n": data.get("n"), "split": data.get("split"),
+             "decoding": (data.get("config") or {}).get("decoding", "free")}
     for name, info in manifest["systems"].items():
-        for key in (name, *(k for k in rows if k.startswith(f"{name} k="))):
-            if key in rows:
-                info.setdefault("metrics", []).append({**setup, "row": key, **rows[key]})
+        if name in rows:
+            info.setdefault("metrics", []).append({**setup, "row": name, **rows[name]})
+        for k, row in (sweep.get(name) or {}).items():  # eval.k_values: the same system at other k
+            info.setdefault("metrics", []).append({**setup, "row": f"{name} k={k}", "k": int(k), **row})
 
 
 def _rewrite_config(path: Path, changes: dict) -> None:
