@@ -11,7 +11,7 @@ from configs.errors import UserError
 from configs.schema import Config
 from eval.ablations import MAJORITY
 from qa.checkpoint import read_manifest
-from qa.system import checkpoint_name, default_checkpoint
+from qa.system import checkpoint_name, default_checkpoint, require_checkpoint
 from qa.systems import SYSTEMS, SystemName, parse_systems
 
 
@@ -57,12 +57,7 @@ def check_checkpoint(cfg: Config, systems: Sequence[SystemName]) -> tuple[Path |
     if not trained:
         return None, None
     directory = default_checkpoint(cfg)
-    if not (directory / "manifest.json").is_file():
-        raise UserError(
-            f"eval.systems lists {', '.join(trained)}, which need a trained checkpoint, and there is none at "
-            f"{directory}: train with `python -m qa.train --config C`, set qa.checkpoint=DIR, or evaluate "
-            "only eval.systems=closed_book,rag_text"
-        )
+    require_checkpoint(cfg, directory, trained)
     manifest = read_manifest(directory)
     held = list(manifest["systems"])
     missing = [str(s) for s in systems if s.trainable and checkpoint_name(s, held) not in held]

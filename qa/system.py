@@ -54,17 +54,25 @@ EMBEDDED_LM = "embedded:smollm2-135m"
 
 def default_checkpoint(cfg: Config) -> Path:
     """`qa.checkpoint` when set; else run_dir/checkpoints/final when a run trained one; else the shipped model,
-    for the embedded LM only (another LM needs a checkpoint trained for it: refused with what to do)."""
+    for the embedded LM only. Another LM gets run_dir/checkpoints/final even when absent: systems that need no
+    training still serve, and loading a trained one fails with `require_checkpoint`'s message."""
     if cfg.qa.checkpoint:
         return Path(cfg.qa.checkpoint)
     trained = Path(cfg.run_dir) / "checkpoints" / "final"
     if (trained / "manifest.json").is_file() or not (SHIPPED_MODEL / "manifest.json").is_file():
         return trained
-    if cfg.lm.model != EMBEDDED_LM:
-        raise UserError(f"no checkpoint for lm.model={cfg.lm.model}: {trained} does not exist and the shipped model "
-                        f"({SHIPPED_MODEL.name}) is for {EMBEDDED_LM}; train one with `python -m qa.train --config C` "
-                        "or set qa.checkpoint=DIR")
-    return SHIPPED_MODEL
+    return SHIPPED_MODEL if cfg.lm.model == EMBEDDED_LM else trained
+
+
+def require_checkpoint(cfg: Config, directory: Path, needed: Sequence[str]) -> None:
+    """Refuse, with what to do, when the trained systems `needed` have no checkpoint at `directory`."""
+    if (Path(directory) / "manifest.json").is_file():
+        return
+    shipped = (f"; the shipped model ({SHIPPED_MODEL.name}) is for lm.model={EMBEDDED_LM} only"
+               if cfg.lm.model != EMBEDDED_LM and not cfg.qa.checkpoint else "")
+    raise UserError(f"{', '.join(needed)} need a trained checkpoint for lm.model={cfg.lm.model} and there is none at "
+                    f"{directory}{shipped}: train one with `python -m qa.train --config C`, set qa.checkpoint=DIR, "
+                    "or use closed_book / rag_text")
 
 
 def checkpoint_name(system: SystemName, held: Sequence[str]) -> str:
@@ -108,6 +116,7 @@ class QASystem:
         models, model_names = {}, {}
         if trained:
             directory = default_checkpoint(cfg)
+            require_checkpoint(cfg, directory, [str(s) for s in trained])
             held = list(read_manifest(directory)["systems"])
             # Keyed without the ablation: `dynamic_prefix~random` reads dynamic_prefix's weights (model_for).
             wanted = {str(SystemName(s.base, s.tag)): checkpoint_name(s, held) for s in trained}

@@ -291,7 +291,7 @@ def test_clear_errors(world, tmp_path):
     root, overrides = world
     with pytest.raises(UserError, match="has no static_prefix@p8; it holds: dynamic_prefix, rag_text_tuned"):
         eval_run.main([*overrides, "eval.systems=closed_book,static_prefix@p8"])
-    with pytest.raises(UserError, match="need a trained checkpoint, and there is none"):
+    with pytest.raises(UserError, match="need a trained checkpoint for lm.model=.* and there is none"):
         eval_run.main([*overrides, "eval.systems=dynamic_prefix", f"qa.checkpoint={tmp_path / 'none'}"])
     with pytest.raises(UserError, match="unknown system `bm25`"):
         eval_run.main([*overrides, "eval.systems=bm25"])

@@ -20,7 +20,7 @@ from data_prep.build import build_store
 from data_prep.store import SegmentStore, load_qa
 from eval.metrics import exact_match
 from qa.checkpoint import read_manifest
-from qa.system import EMBEDDED_LM, SHIPPED_MODEL, QASystem, default_checkpoint
+from qa.system import EMBEDDED_LM, SHIPPED_MODEL, QASystem, default_checkpoint, require_checkpoint
 from retriever.search import Hit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,9 @@ def test_default_checkpoint_is_the_shipped_model_for_the_embedded_lm_only(tmp_pa
     cfg.qa.checkpoint = str(tmp_path / "mine")
     assert default_checkpoint(cfg) == tmp_path / "mine"
     other = load_config(ROOT / "configs" / "demo.yaml", [f"run_dir={tmp_path / 'run'}", f"lm.model={tmp_path}"])
-    with pytest.raises(UserError, match="no checkpoint for lm.model"):
-        default_checkpoint(other)
+    assert default_checkpoint(other) == tmp_path / "run" / "checkpoints" / "final"
+    with pytest.raises(UserError, match="shipped model .* is for lm.model=embedded:smollm2-135m only"):
+        require_checkpoint(other, default_checkpoint(other), ["dynamic_prefix@pfull"])
 
 
 @pytest.mark.slow
