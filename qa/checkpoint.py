@@ -78,10 +78,16 @@ def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Conf
                     extra: dict | None = None, retriever=None) -> None:
     """Write all systems atomically: a crash leaves the previous checkpoint (or none), never half of one.
 
+    Refuses the shipped model's folder: training writes run_dir/checkpoints/*, a shipped model is made with
+    `python -m qa.assemble` (a test once overwrote it through `default_checkpoint`).
+
     `retriever` (a `qa.joint_retriever.JointRetriever`, train.joint_retriever) is written in the same atomic
     step as the sentence-transformers folder `retriever/`; the manifest's `joint_retriever` describes it
     (null when the retriever was not trained).
     """
+    if Path(directory).resolve() == SHIPPED_MODEL.resolve():
+        raise UserError(f"refusing to overwrite the shipped model {SHIPPED_MODEL}: save a trained run under its "
+                        "run_dir and ship it with `python -m qa.assemble`")
     manifest = {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -111,6 +117,9 @@ def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Conf
             manifest["systems"][name] = info
         atomic_write_json(tmp / MANIFEST, manifest)
 
+
+# The trained model that ships with the repo (for the embedded SmolLM2-135M): models/<name>/, checkpoint layout.
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-squad"
 
 # What a checkpoint saved before a knowledge_encoder key existed was trained with: a missing key means the
 # behaviour of that time, not today's default (pool_rope and slot_bias changed default when measured better).

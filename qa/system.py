@@ -28,7 +28,7 @@ from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
 from lm.span import SpanConstraint
 from qa.batching import Batcher, Example, FeatureCache
-from qa.checkpoint import load_models, read_manifest
+from qa.checkpoint import SHIPPED_MODEL, load_models, read_manifest
 from qa.model import PrefixQAModel, QABatch
 from qa.systems import SystemName, parse_system
 
@@ -47,8 +47,6 @@ class Prediction:
     prefix_slots: int = 0
 
 
-# The trained model that ships with the repo (for the embedded SmolLM2-135M): models/<name>/, checkpoint layout.
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-squad"
 EMBEDDED_LM = "embedded:smollm2-135m"
 
 

@@ -155,3 +155,15 @@ def test_checkpoint_saved_before_pool_rope_and_slot_bias_loads_as_it_was_trained
     loaded = load_models(tmp_path / "old", ["dynamic_prefix@p4"], tiny_llama)["dynamic_prefix@p4"]
     assert loaded.encoder.cfg.pool_rope == "post" and loaded.encoder.cfg.slot_bias is False
     assert Config().knowledge_encoder.pool_rope == "pre" and Config().knowledge_encoder.slot_bias is True
+
+
+def test_save_checkpoint_refuses_to_overwrite_the_shipped_model(tmp_path, smol_tokenizer, tiny_llama):
+    """Regression: a test saved its untrained systems to `default_checkpoint(cfg)`, which is the shipped model
+    when no run trained one, and replaced models/smollm2-135m-squad (its card included)."""
+    from qa.checkpoint import SHIPPED_MODEL
+
+    cfg = Config()
+    model = new_model(parse_system("dynamic_prefix@p4"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
+    with pytest.raises(UserError, match="refusing to overwrite the shipped model"):
+        save_checkpoint(SHIPPED_MODEL, {"dynamic_prefix@p4": model}, cfg, tiny_llama.config)
+    assert (SHIPPED_MODEL / "MODEL_CARD.md").is_file()

@@ -3,6 +3,8 @@ QA mode runs end to end on the embedded SmolLM2 (untrained prefixes: this checks
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,7 +59,8 @@ def test_every_mode_runs_end_to_end_on_the_embedded_lm(tmp_path, smol_tokenizer)
     template = PromptTemplate(tok)
     trained = ["rag_text_tuned", "static_prefix", "dynamic_prefix@p4", "dynamic_prefix@pfull"]
     models = {name: new_model(parse_system(name), cfg, lm, template, None) for name in trained}
-    save_checkpoint(default_checkpoint(cfg), models, cfg, lm.config)
+    save_checkpoint(Path(cfg.run_dir) / "checkpoints" / "final", models, cfg, lm.config)
+    assert default_checkpoint(cfg) == Path(cfg.run_dir) / "checkpoints" / "final"  # a trained run beats the shipped
     modes = ["closed_book", "rag_text", *trained, "combine@pfull"]
     qa = QASystem.from_config(cfg, systems=modes, lm=lm, tokenizer=tok)
     questions = ["Who founded the company?", "In which year was it built?"]
