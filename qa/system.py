@@ -28,7 +28,7 @@ from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
 from lm.span import SpanConstraint
 from qa.batching import Batcher, Example, FeatureCache
-from qa.checkpoint import SHIPPED_MODEL, load_models, read_manifest
+from qa.checkpoint import MANIFEST, SHIPPED_MODEL, load_models, read_manifest
 from qa.model import PrefixQAModel, QABatch
 from qa.systems import SystemName, parse_system
 
@@ -57,14 +57,14 @@ def default_checkpoint(cfg: Config) -> Path:
     if cfg.qa.checkpoint:
         return Path(cfg.qa.checkpoint)
     trained = Path(cfg.run_dir) / "checkpoints" / "final"
-    if (trained / "manifest.json").is_file() or not (SHIPPED_MODEL / "manifest.json").is_file():
+    if (trained / MANIFEST).is_file() or not (SHIPPED_MODEL / MANIFEST).is_file():
         return trained
     return SHIPPED_MODEL if cfg.lm.model == EMBEDDED_LM else trained
 
 
 def require_checkpoint(cfg: Config, directory: Path, needed: Sequence[str]) -> None:
     """Refuse, with what to do, when the trained systems `needed` have no checkpoint at `directory`."""
-    if (Path(directory) / "manifest.json").is_file():
+    if (Path(directory) / MANIFEST).is_file():
         return
     shipped = (f"; the shipped model ({SHIPPED_MODEL.name}) is for lm.model={EMBEDDED_LM} only"
                if cfg.lm.model != EMBEDDED_LM and not cfg.qa.checkpoint else "")
