@@ -41,6 +41,7 @@ class PageResult:
     source_ids: list[int]
     latency: str
     outside_requests: list[str] = field(default_factory=list)  # URLs the page asked for beyond this machine
+    highlights: list[str] = field(default_factory=list)  # the <mark>ed answer occurrences in the source cards
 
 
 @contextmanager
@@ -101,4 +102,5 @@ def ask(
         source_ids=[int(cards.nth(i).get_attribute("data-segment-id")) for i in range(cards.count())],
         latency=page.locator("#latency").inner_text(),
         outside_requests=outside(page.requests),
+        highlights=[t.strip() for t in page.locator("#sources mark").all_inner_texts()],
     )

@@ -91,7 +91,16 @@ def demo_systems(cfg: Config) -> tuple[list[str], str]:
                 systems.append(twin)  # QASystem reads the dynamic_prefix weights for it
     order = list(SYSTEMS)
     systems.sort(key=lambda n: (order.index(parse_system(n).base), n))
-    return systems, f"checkpoint {directory} ({', '.join(held)})"
+    return systems, f"checkpoint {_shown(directory)} ({', '.join(held)})"
+
+
+def _shown(directory: Path) -> str:
+    """A checkpoint path as the page shows it: relative to the working directory when inside it (the shipped
+    model's path is absolute, and the machine's folder layout is nobody's business on a shared page)."""
+    try:
+        return str(Path(directory).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(directory)
 
 
 def _as_top_k(value, max_top_k: int) -> int:

@@ -8,6 +8,7 @@ playwright is missing outside CI; in CI (CI=true) a missing browser is a failure
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,64 @@ def test_page_adds_a_document_and_reports_bad_uploads(page_app, tmp_path):
         page.locator("#add").click()
         page.get_by_text("bad.jsonl:2").first.wait_for(timeout=60_000)  # the error names file and line
     assert service.status()["live_documents"] and len(service.status()["live_documents"]) == 1
+
+
+@pytest.mark.slow
+def test_real_question_typed_into_the_page_is_answered_by_the_shipped_model(tmp_path):
+    """The real-text demo end to end: Wikipedia paragraphs packaged in the repo, MiniLM + BM25, the shipped
+    model (no checkpoint given, nothing trained), a held-out SQuAD question typed into the page in headless
+    Chromium: the answer is right and the source card highlights it."""
+    _require_browser()
+    import json
+
+    import torch
+
+    from configs.loader import load_config
+    from data_prep.build import build_store
+    from demo.service import DemoService
+    from demo.ui import build_ui, launch
+    from retriever.index import build_index
+
+    torch.set_num_threads(1)
+    root = Path(__file__).resolve().parents[1]
+    data = root / "data" / "squad-du-train"
+    articles = {"Frédéric_Chopin", "Portugal", "Buddhism"}  # the answer's article among two long distractors
+    rows = [json.loads(line) for line in (data / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows if r["title"] in articles), encoding="utf-8")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        "".join(
+            line + "\n"
+            for line in (data / "qa.jsonl").read_text(encoding="utf-8").splitlines()
+            if json.loads(line)["gold_doc_id"].rsplit("_", 1)[0] in articles
+        ),
+        encoding="utf-8",
+    )
+    cfg = load_config(
+        root / "configs" / "demo.yaml",
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.corpus={corpus}",
+            f"data.qa={qa}",
+            "index.factory=Flat",
+            "device=cpu",
+        ],
+    )
+    build_store(cfg, progress=False)
+    build_index(cfg, progress=False)
+    service = DemoService.from_config(cfg)
+    assert "models/smollm2-135m-squad" in service.checkpoint_note  # the shipped model, found by default
+    blocks = build_ui(service)
+    url = launch(blocks, service, port=free_port(), block=False, quiet=True)
+    try:
+        with open_page() as page:
+            page.goto(url, wait_until="networkidle")
+            # A question of a held-out test article (data.split, seed 0): the shipped model never trained on it.
+            result = ask(page, "What was Frédéric's nationalities?", mode="dynamic_prefix@pfull", top_k=1)
+    finally:
+        blocks.close()
+    assert result.source_titles == ["Frédéric_Chopin"]
+    assert result.answer == "Polish and French"
+    assert result.highlights == ["Polish and French"]  # the source shows where the answer stands
+    assert result.outside_requests == []
