@@ -36,7 +36,7 @@ def _summary(values: list[int]) -> dict:
 
 
 def _majority_em(majority: dict[str, str], examples: list[QAExample]) -> float | None:
-    from retriever.metrics import normalize_answer
+    from common.answers import retrieval_normalize as normalize_answer
 
     if not examples:
         return None

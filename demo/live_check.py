@@ -36,7 +36,8 @@ def new_facts(synthetic_cfg, n: int, world_seed: int) -> list[tuple[Document, st
 
 
 def run(service, n: int, modes: list[str], world_seed: int, top_k: int | None) -> dict:
-    from eval.metrics import contains_answer, exact_match
+    from common.answers import exact_match
+    from eval.metrics import contains_answer
 
     facts = new_facts(service.cfg.data.synthetic, n, world_seed)
     ids = [doc.id for doc, _, _ in facts]

@@ -24,8 +24,8 @@ from configs.errors import UserError  # noqa: E402
 
 def pick_question(service, mode: str, top_k: int, tries: int) -> tuple[str, str]:
     """(question, note): the first of `tries` split questions answered exactly right, else the first."""
+    from common.answers import exact_match
     from data_prep.store import load_qa
-    from eval.metrics import exact_match
 
     examples = load_qa(Path(service.cfg.run_dir) / "store", service.cfg.data.split)[:tries]
     if not examples:

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
-import string
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from common.answers import exact_match, squad_normalize, token_f1
 from configs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,37 +104,6 @@ def get_metric(name: str, **kwargs) -> Metric:
 # ---------------------------------------------------------------------------------------------- SQuAD-style
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = frozenset(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD v1.1: lowercase, remove punctuation, remove articles, collapse whitespace (in that order)."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    """SQuAD token F1 over normalised tokens; when either side is empty, 1.0 only if both are (SQuAD v2)."""
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
-    if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
-    common = Counter(pred_tokens) & Counter(gold_tokens)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision = same / len(pred_tokens)
-    recall = same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
-
-
 def contains_answer(prediction: str, golds: Sequence[str]) -> float:
     """1.0 if a normalised gold answer occurs in the normalised prediction (FlashRAG's `acc`).
 
@@ -144,8 +111,8 @@ def contains_answer(prediction: str, golds: Sequence[str]) -> float:
     are ignored; if no gold is left, the example counts as answered only by an empty prediction.
     Matching is on the normalised string, so "paris" is found in "parisian"; FlashRAG does the same.
     """
-    pred = normalize_answer(prediction)
-    golds = [g for g in (normalize_answer(g) for g in golds) if g]
+    pred = squad_normalize(prediction)
+    golds = [g for g in (squad_normalize(g) for g in golds) if g]
     if not golds:
         return float(pred == "")
     return float(any(g in pred for g in golds))

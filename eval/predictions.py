@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.answers import AnswerMatcher
 from configs.errors import UserError
 from configs.models import lm_fingerprint, resolve_device
 from configs.schema import Config
@@ -23,7 +24,6 @@ from data_prep.store import SegmentStore
 from eval.ablations import MAJORITY
 from eval.plan import Run
 from qa.system import checkpoint_name
-from retriever.metrics import AnswerMatcher
 
 log = logging.getLogger(__name__)
 

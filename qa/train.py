@@ -87,7 +87,7 @@ def param_groups(model, tcfg) -> list[dict]:
 
 
 def exact_match(prediction: str, answers: list[str]) -> bool:
-    from eval.metrics import exact_match as em
+    from common.answers import exact_match as em
 
     return any(em(prediction, a) for a in answers)
 

@@ -13,47 +13,9 @@ object with `segment_id`, `doc_id` and `text` (a `retriever.search.Hit`) works a
 
 from __future__ import annotations
 
-import re
-import string
-import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—", "´"}
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: NFKC, lower case, punctuation dropped, articles dropped, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if ch in _PUNCT else ch for ch in text)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def _contains_tokens(haystack: list[str], needle: list[str]) -> bool:
-    n = len(needle)
-    if n == 0:
-        return False
-    first = needle[0]
-    return any(haystack[i] == first and haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
-
-
-class AnswerMatcher:
-    """Checks many texts against one example's answers (answers are normalised once)."""
-
-    def __init__(self, answers: Iterable[str]):
-        self.answers = [toks for toks in (normalize_answer(a).split() for a in answers) if toks]
-
-    def __call__(self, text: str) -> bool:
-        if not self.answers:
-            return False
-        tokens = normalize_answer(text).split()
-        return any(_contains_tokens(tokens, a) for a in self.answers)
-
-
-def has_answer(text: str, answers: Iterable[str]) -> bool:
-    """True if a normalised answer occurs in the normalised `text` as a whole-token sequence."""
-    return AnswerMatcher(answers)(text)
+from common.answers import AnswerMatcher
 
 
 def answer_flags(

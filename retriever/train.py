@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.answers import AnswerMatcher
 from configs.cli import build_parser, parse, run_main
 from configs.errors import UserError
 from configs.loader import to_dict
@@ -46,7 +47,7 @@ from data_prep.records import QAExample, Segment
 from data_prep.store import SegmentStore, load_qa, segment_input_text
 from retriever.encoder import Encoder
 from retriever.index import ensure_index
-from retriever.metrics import AnswerMatcher, retrieval_metrics
+from retriever.metrics import retrieval_metrics
 from retriever.negatives import mine_hard_negatives
 from retriever.search import Retriever
 

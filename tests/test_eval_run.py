@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from common.answers import exact_match, token_f1
 from configs.errors import UserError
 from configs.loader import load_config
 from data_prep.records import QAExample, Segment
 from data_prep.store import SegmentStore, load_qa, write_store
 from eval import run as eval_run
 from eval.ablations import gold_hits, majority_predictions, random_hits
-from eval.metrics import exact_match, token_f1
 from eval.questions import select
 from eval.report import fmt, fmt_ci
 from qa.system import QASystem

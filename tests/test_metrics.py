@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from common.answers import squad_normalize as normalize_answer
 from configs.errors import UserError
 from configs.schema import EvalConfig
 from eval import stats
@@ -22,7 +23,6 @@ from eval.metrics import (
     compute_all,
     contains_answer,
     get_metric,
-    normalize_answer,
     register,
     token_f1,
 )

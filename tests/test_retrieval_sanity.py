@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from common.answers import exact_match
 from data_prep.store import SegmentStore, load_qa
-from eval.metrics import exact_match
 from qa.system import QASystem
 from qa.train import main as train_main
 from retriever.search import Hit

@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from common.answers import AnswerMatcher
 from configs.errors import UserError
 from configs.loader import load_config
 from data_prep.store import SegmentStore, segment_input_text
@@ -18,7 +19,6 @@ from retriever import index as index_cli
 from retriever.bm25 import BM25Index, open_store_bm25, tokenize, top_k_rows
 from retriever.encoder import Encoder
 from retriever.hybrid import fuse
-from retriever.metrics import AnswerMatcher
 from retriever.search import Retriever, tokenizer_backend
 from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from common.answers import has_answer
+from common.answers import retrieval_normalize as normalize_answer
 from data_prep.records import QAExample
 from retriever.metrics import (
     answer_flags,
     gold_doc_hit_at_k,
-    has_answer,
     mrr_at_k,
-    normalize_answer,
     recall_at_k,
     retrieval_metrics,
     top_k_accuracy,

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
+from common.answers import exact_match
 from configs.errors import UserError
 from configs.loader import load_config
 from configs.models import lm_fingerprint, resolve_lm_path
 from data_prep.build import build_store
 from data_prep.store import SegmentStore, load_qa
-from eval.metrics import exact_match
 from qa.checkpoint import read_manifest
 from qa.system import EMBEDDED_LM, SHIPPED_MODEL, QASystem, default_checkpoint, require_checkpoint
 from retriever.search import Hit
