@@ -332,9 +332,9 @@ def render(m: dict, plots: dict[str, str]) -> str:
                     [
                         f"`{name}`",
                         k,
-                        fmt(e["em"]),
-                        fmt(e["f1"]),
-                        fmt(e["contains"]),
+                        fmt_ci(e["em"], e.get("em_ci")),
+                        fmt_ci(e["f1"], e.get("f1_ci")),
+                        fmt_ci(e["contains"], e.get("contains_ci")),
                         fmt(e["latency_ms_mean"], 1),
                         fmt(e["latency_ms_p95"], 1),
                         fmt(e["prompt_tokens_mean"], 1),

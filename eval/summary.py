@@ -67,9 +67,14 @@ def summarize(
     return out, per
 
 
-def sweep_entry(rows: list[dict], examples: Sequence[QAExample]) -> dict:
+def sweep_entry(rows: list[dict], examples: Sequence[QAExample], cfg: Config) -> dict:
+    """One k of the sweep: the SWEEP_METRICS with their bootstrap CIs, latency and prompt/prefix sizes."""
     preds, refs = [r["prediction"] for r in rows], [ex.answers for ex in examples]
-    out = {name: get_metric(name).compute(preds, refs).score for name in SWEEP_METRICS}
+    out = {}
+    for name in SWEEP_METRICS:
+        result = get_metric(name).compute(preds, refs)
+        out[name] = result.score
+        out[f"{name}_ci"] = _ci(result.per_example, cfg)
     latency = np.array([r["latency_ms"] for r in rows], dtype=np.float64)
     out.update(
         latency_ms_mean=float(latency.mean()),
@@ -121,7 +126,7 @@ def system_summaries(
                 + ABLATION_NOTES.get(run.system.ablation, ""),
             )
         if retrieves and sweep and run.k in sweep:
-            k_sweep.setdefault(run.mode, {})[str(run.k)] = sweep_entry(rows, examples)
+            k_sweep.setdefault(run.mode, {})[str(run.k)] = sweep_entry(rows, examples, cfg)
     return summary, per, k_sweep
 
 

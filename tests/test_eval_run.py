@@ -166,6 +166,7 @@ def test_end_to_end_outputs_agree(world, tmp_path):
         assert m["systems"][name]["em"] == pytest.approx(em) and m["systems"][name]["f1"] == pytest.approx(f1)
         assert all(len(by[(ex.id, name, k)]["retrieved"]) == (k or 0) for ex in examples)
     assert m["k_sweep"]["rag_text"]["1"]["em"] == m["systems"]["rag_text"]["em"]
+    assert m["k_sweep"]["rag_text"]["1"]["em_ci"] == m["systems"]["rag_text"]["em_ci"]  # same rows, same CI
     assert set(m["k_sweep"]) == set(retrieving) and set(m["k_sweep"]["rag_text"]) == {"1", "2"}
     # The ablations read what they should: random segments never from the gold document, gold first.
     store = SegmentStore.open(root / "run" / "store")
