@@ -292,6 +292,9 @@ class TrainConfig:
     max_train_questions: int = opt(0, "cap on training questions (0 = all)")
     feature_cache_gb: float = opt(4.0, "RAM for cached frozen segment features (LM K,V), in training and "
                                    "when answering (eval, app); misses are recomputed")
+    feature_disk_gb: float = opt(12.0, "disk for frozen segment features in run_dir/feature_cache (an LRU shared "
+                                  "by training, --resume and evaluation of the run; ~4 MB per SQuAD paragraph "
+                                  "with the embedded LM); 0 = RAM only")
     init_from: str | None = opt(
         None,
         "a checkpoint whose knowledge-encoder weights start every trained dynamic system of the same name "

@@ -97,3 +97,26 @@ class SegmentFeatures:
             scores=None if self.scores is None else [t.to(device=device, dtype=dtype) for t in self.scores],
             ids=None if self.ids is None else self.ids.to(device),
         )
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """A flat name -> tensor dict (for safetensors): mask, keys.{l}, values.{l}, scores.{l}, hidden, ids."""
+        out = {"mask": self.mask}
+        for name in ("keys", "values", "scores"):
+            for layer, t in enumerate(getattr(self, name) or []):
+                out[f"{name}.{layer}"] = t
+        if self.hidden is not None:
+            out["hidden"] = self.hidden
+        if self.ids is not None:
+            out["ids"] = self.ids
+        return out
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> SegmentFeatures:
+        """The inverse of `to_tensors`."""
+
+        def layers(name: str) -> list[torch.Tensor] | None:
+            n = sum(1 for k in tensors if k.startswith(name + "."))
+            return [tensors[f"{name}.{i}"] for i in range(n)] if n else None
+
+        return SegmentFeatures(mask=tensors["mask"], keys=layers("keys"), values=layers("values"),
+                               hidden=tensors.get("hidden"), scores=layers("scores"), ids=tensors.get("ids"))

@@ -4,101 +4,31 @@
     run_dir/prefix_cache/<system>/<aa>/<key>.safetensors  one segment's rows (`knowledge_encoder.prefix_codec`)
 
 Entries are keyed by a hash of the segment's title and text (never by segment id: a live index may reuse an
-id for new text). Serving looks a segment up, computes it with the encoder when missing and `put`s it; when
-the entries exceed `max_bytes`, the least recently used go (a read touches the file's mtime). Each entry is
-written to a temporary file and renamed, so a crash leaves whole entries only; an entry that does not load is
-deleted and recomputed. A manifest from another encoder or dtype empties the cache: it is only a cache.
+id for new text). Serving looks a segment up, computes it with the encoder when missing and `put`s it; the
+least recently used entries go beyond `max_bytes`, a crash leaves whole entries only, and an entry that does
+not load is deleted and recomputed (`knowledge_encoder.disk_lru`). A manifest from another encoder or dtype
+empties the cache: it is only a cache.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
-from collections import OrderedDict
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
-from data_prep.atomic import atomic_write_json
 from knowledge_encoder import prefix_codec
+from knowledge_encoder.disk_lru import DiskLRU
 from lm.prefix import Prefix
 
-log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 
-
-class PrefixCache:
+class PrefixCache(DiskLRU):
     def __init__(self, directory: Path, meta: dict, max_bytes: int):
-        self.dir = Path(directory)
-        self.meta = meta
-        self.max_bytes = max_bytes
+        super().__init__(directory, meta, max_bytes, what="prefix cache")
         self.dtype = meta["dtype"]
         self.next_position = meta["next_position"]
-        self.hits = self.misses = self.evictions = 0
-        manifest = self.dir / MANIFEST
-        if manifest.is_file() and json.loads(manifest.read_text()) != meta:
-            log.info("prefix cache %s was made by another encoder or dtype: emptied", self.dir)
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not manifest.is_file():
-            atomic_write_json(manifest, meta)
-        for leftover in self.dir.glob("*/.*.tmp"):  # a write interrupted by a crash
-            leftover.unlink()
-        entries = sorted((p.stat().st_mtime_ns, p) for p in self.dir.glob("*/*.safetensors"))
-        # path -> size, least recently used first
-        self._sizes: OrderedDict[Path, int] = OrderedDict((p, p.stat().st_size) for _, p in entries)
-        self._bytes = sum(self._sizes.values())
-
-    def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.safetensors"
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._sizes)
 
     def get(self, key: str, device=None) -> Prefix | None:
-        path = self._path(key)
-        if path not in self._sizes:
-            self.misses += 1
-            return None
-        try:
-            rows = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            log.warning("prefix cache entry %s does not load (%s): recomputed", path, err)
-            self._drop(path)
-            self.misses += 1
-            return None
-        os.utime(path)  # most recently used, also for the next process
-        self._sizes.move_to_end(path)
-        self.hits += 1
-        return prefix_codec.decode(rows, self.next_position, device)
+        rows = super().get(key)
+        return None if rows is None else prefix_codec.decode(rows, self.next_position, device)
 
     def put(self, key: str, prefix: Prefix) -> None:
         """Store one segment's prefix (1, H, P, D per layer), then evict the least recently used beyond max_bytes."""
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(prefix_codec.encode(prefix, self.dtype), str(tmp))
-        tmp.replace(path)
-        size = path.stat().st_size
-        self._bytes += size - self._sizes.get(path, 0)
-        self._sizes[path] = size
-        self._sizes.move_to_end(path)
-        while self._bytes > self.max_bytes and len(self._sizes) > 1:
-            self._drop(next(iter(self._sizes)))
-            self.evictions += 1
-
-    def _drop(self, path: Path) -> None:
-        self._bytes -= self._sizes.pop(path, 0)
-        path.unlink(missing_ok=True)
-
-    def stats(self) -> dict:
-        asked = self.hits + self.misses
-        return {"entries": len(self), "bytes": self.bytes, "hits": self.hits, "misses": self.misses,
-                "evictions": self.evictions, "hit_rate": self.hits / asked if asked else None}
+        super().put(key, prefix_codec.encode(prefix, self.dtype))

@@ -10,9 +10,11 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from knowledge_encoder.feature_disk import FeatureDisk
 from knowledge_encoder.features import SegmentFeatures
 from lm.prompting import PromptTemplate, TextSegment
 from qa.model import IGNORE, QABatch
@@ -39,17 +41,29 @@ class FeatureCache:
     """Frozen backbone features per segment, computed on demand and kept (LRU) up to `max_bytes`.
 
     Keys are a hash of the segment's title and text (never the id alone: a live index may give a reset id to
-    new text). Stored unpadded on the CPU in `dtype` (bf16 halves the memory of K,V features).
+    new text). Stored unpadded on the CPU in `dtype` (bf16 halves the memory of K,V features). With a `disk`
+    tier (`FeatureDisk`, run_dir/feature_cache) a RAM miss reads the disk before computing, and what is computed
+    goes to both: the next process over the same corpus (--resume, another system, eval) computes nothing.
     """
 
-    def __init__(self, backbone, max_bytes: int = 4 << 30, dtype: torch.dtype = torch.bfloat16, batch_size: int = 16):
+    def __init__(self, backbone, max_bytes: int = 4 << 30, dtype: torch.dtype = torch.bfloat16, batch_size: int = 16,
+                 disk: FeatureDisk | None = None):
         self.backbone = backbone
+        self.disk = disk
         self.max_bytes = max_bytes
         self.dtype = dtype
         self.batch_size = batch_size
         self._items: OrderedDict[object, SegmentFeatures] = OrderedDict()
         self._bytes = 0
         self.hits = self.misses = 0
+
+    @classmethod
+    def from_config(cls, backbone, cfg) -> FeatureCache:
+        """`train.feature_cache_gb` of RAM, backed by `train.feature_disk_gb` of disk in run_dir/feature_cache."""
+        disk = None
+        if cfg.train.feature_disk_gb > 0:
+            disk = FeatureDisk(Path(cfg.run_dir) / "feature_cache", backbone, int(cfg.train.feature_disk_gb * (1 << 30)))
+        return cls(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)), disk=disk)
 
     @staticmethod
     def key(segment: TextSegment) -> str:
@@ -59,15 +73,24 @@ class FeatureCache:
         """Features of `segments`, right-padded and stacked: (N, ...) on `device`."""
         keys = [self.key(s) for s in segments]
         missing = list(OrderedDict.fromkeys(k for k in keys if k not in self._items))
+        self.misses += len(missing)  # RAM misses (the disk tier keeps its own counts)
+        self.hits += len(keys) - len(missing)
+        if self.disk is not None:
+            for k in missing:
+                stored = self.disk.get(k)
+                if stored is not None:
+                    self._put(k, stored.to(device="cpu", dtype=self.dtype))
+            missing = [k for k in missing if k not in self._items]
         if missing:
             by_key = dict(zip(keys, segments))
             for start in range(0, len(missing), self.batch_size):
                 chunk = missing[start:start + self.batch_size]
                 feats = self.backbone.features([by_key[k] for k in chunk]).split()
                 for k, f in zip(chunk, feats):
-                    self._put(k, f.to(device="cpu", dtype=self.dtype))
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
+                    f = f.to(device="cpu", dtype=self.dtype)
+                    self._put(k, f)
+                    if self.disk is not None:
+                        self.disk.put(k, f)
         parts = []
         for k in keys:
             self._items.move_to_end(k)

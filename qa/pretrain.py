@@ -138,7 +138,7 @@ class Pretrainer:
         if not self.ids:
             raise UserError(f"{self.store.path} has no segments of `{pcfg.split}` articles")
         backbone = build_backbone(cfg.knowledge_encoder, self.lm, self.template, cfg.retriever.model, accelerator.device)
-        self.cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
+        self.cache = FeatureCache.from_config(backbone, cfg)
         model = new_model(self.system, cfg, self.lm, self.template, None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr,
                                 weight_decay=cfg.train.weight_decay)

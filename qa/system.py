@@ -190,7 +190,7 @@ class QASystem:
             backbone = build_backbone(kcfg, self.lm, self.template, self.cfg.retriever.model, self.device)
             # Sized like training's cache: an evaluation runs system after system over the same segments,
             # and an LRU smaller than their features would recompute every one of them for every system.
-            cache = FeatureCache(backbone, max_bytes=int(self.cfg.train.feature_cache_gb * (1 << 30)))
+            cache = FeatureCache.from_config(backbone, self.cfg)
             self._batchers[key] = Batcher(self.template, cache, self.device)
         return self._batchers[key]
 

@@ -115,7 +115,7 @@ class Trainer:
         self._load_data()
         kcfg = cfg.knowledge_encoder
         backbone = build_backbone(kcfg, self.lm, self.template, cfg.retriever.model, accelerator.device)
-        self.cache = FeatureCache(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)))
+        self.cache = FeatureCache.from_config(backbone, cfg)
         self.batcher = Batcher(self.template, self.cache, accelerator.device)
         feature_dim = backbone.feature_dim
         self.models, self.opts, self.scheds = {}, {}, {}
