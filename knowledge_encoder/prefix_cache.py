@@ -6,12 +6,15 @@
 Entries are keyed by a hash of the segment's title and text (never by segment id: a live index may reuse an
 id for new text). Serving looks a segment up, computes it with the encoder when missing and `put`s it; when
 the entries exceed `max_bytes`, the least recently used go (a read touches the file's mtime). Each entry is
-written to a temporary file and renamed, so a crash leaves whole entries only; an entry that does not load is
-deleted and recomputed. A manifest from another encoder or dtype empties the cache: it is only a cache.
+written to a temporary file and renamed, so a crash leaves whole entries only. Each entry carries the sha256
+of its tensors in its safetensors metadata; an entry that does not load or whose tensors do not match it (a
+flipped byte, an entry from before the hash) is deleted and recomputed, never served. A manifest from another
+encoder or dtype empties the cache: it is only a cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,8 +22,9 @@ import shutil
 from collections import OrderedDict
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from data_prep.atomic import atomic_write_json
 from knowledge_encoder import prefix_codec
@@ -28,6 +32,27 @@ from lm.prefix import Prefix
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+DIGEST = "sha256"  # the metadata key of an entry's tensor hash
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of `tensors` (what an entry's metadata records)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_entry(path: Path) -> dict[str, torch.Tensor]:
+    """An entry's tensors; ValueError when they do not match the digest in its metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        expected = (f.metadata() or {}).get(DIGEST)
+        rows = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if expected is None or tensor_digest(rows) != expected:
+        raise ValueError("sha256 of its tensors does not match its metadata" if expected else "no sha256")
+    return rows
 
 
 class PrefixCache:
@@ -68,8 +93,8 @@ class PrefixCache:
             self.misses += 1
             return None
         try:
-            rows = load_file(str(path))
-        except (SafetensorError, OSError) as err:
+            rows = _read_entry(path)
+        except (SafetensorError, OSError, ValueError) as err:
             log.warning("prefix cache entry %s does not load (%s): recomputed", path, err)
             self._drop(path)
             self.misses += 1
@@ -84,7 +109,8 @@ class PrefixCache:
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(prefix_codec.encode(prefix, self.dtype), str(tmp))
+        rows = prefix_codec.encode(prefix, self.dtype)
+        save_file(rows, str(tmp), metadata={DIGEST: tensor_digest(rows)})
         tmp.replace(path)
         size = path.stat().st_size
         self._bytes += size - self._sizes.get(path, 0)
