@@ -16,14 +16,15 @@ from data_prep.store import MANIFEST_FILE, QA_FILE, SEGMENTS_FILE, SegmentStore,
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import EncoderInfo
 from tests.test_build import config, dataset, tok_dir  # noqa: F401 (fixtures)
+from tests.test_retriever_search import built  # noqa: F401 (fixture)
 from tests.test_store import make_qa, make_segments
 
 
-def flip_byte(path, offset: int | None = None) -> None:
-    """Flip every bit of one byte (the middle one by default), keeping the size."""
+def flip_byte(path, offset: int | None = None, mask: int = 0xFF) -> None:
+    """Flip the bits `mask` of one byte (the middle one by default), keeping the size."""
     data = bytearray(path.read_bytes())
     i = len(data) // 2 if offset is None else offset
-    data[i] ^= 0xFF
+    data[i] ^= mask
     path.write_bytes(bytes(data))
 
 
@@ -204,3 +205,29 @@ def test_embeddings_without_hashes_are_read_but_made_again(tmp_path):
     assert sum(len(i) for i, _ in Embeddings.open(out).iter_chunks()) == 40
     new = embed_store(store, enc, out, shard_size=16, dtype="float32", batch_size=8, progress=False)
     assert all("sha256" in s for s in new["shards"]) and new["segments_per_s"] is not None
+
+
+# ---------------------------------------------------------------------------------------------- live additions
+
+
+def test_flipped_byte_in_live_additions_is_refused(built):  # noqa: F811
+    """The demo's added documents persist in run_dir/live; a changed letter in their text was replayed."""
+    import shutil
+
+    from data_prep.records import Document
+    from retriever.search import Retriever
+
+    _, cfg, _, encoder = built
+    r = Retriever.from_config(cfg, encoder=encoder)
+    r.add_documents([Document("extra", "Quorn", "The capital of Quorn is Zib.")])
+    manifest = json.loads((r.live_dir / "manifest.json").read_text())
+    assert set(manifest["files_sha256"]) == {"segments.jsonl", "vectors.npy", "removed.npy"}
+    path = r.live_dir / "segments.jsonl"
+    flip_byte(path, path.read_bytes().index(b"Zib"), mask=0x20)  # Zib -> zib: still valid JSON
+    with pytest.raises(UserError, match=r"live/segments\.jsonl: sha256 does not match.*reset\(\)"):
+        Retriever.from_config(cfg, encoder=encoder)
+    truncate(r.live_dir / "vectors.npy")
+    with pytest.raises(UserError, match=r"live/(segments\.jsonl|vectors\.npy): sha256 does not match"):
+        Retriever.from_config(cfg, encoder=encoder)
+    shutil.rmtree(r.live_dir)
+    assert Retriever.from_config(cfg, encoder=encoder).live_documents == []
