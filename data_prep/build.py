@@ -89,10 +89,13 @@ def _existing_build_key(store_dir: Path) -> str | None:
     try:
         manifest = SegmentStore.open(store_dir).manifest
         verify_qa(store_dir, manifest)
-        return manifest.get("build_key")
     except UserError as err:
         log.warning("rebuilding the store: %s", err)
         return None  # a broken or damaged store is rebuilt
+    if "files_sha256" not in manifest:
+        log.info("rebuilding the store %s: it was built before file hashes were recorded", store_dir)
+        return None
+    return manifest.get("build_key")
 
 
 def finalize_qa(

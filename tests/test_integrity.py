@@ -131,6 +131,18 @@ def test_store_without_file_hashes_still_opens(tmp_path):
     assert len(SegmentStore.open(out)) == 20 and len(load_qa(out)) == len(make_qa())
 
 
+def test_build_remakes_a_store_without_file_hashes(tmp_path, tok_dir, dataset):  # noqa: F811
+    cfg = config(tmp_path, tok_dir, *dataset)
+    store_dir = build_store(cfg, progress=False).store_dir
+    manifest = json.loads((store_dir / MANIFEST_FILE).read_text())
+    del manifest["files_sha256"]
+    (store_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    again = build_store(cfg, progress=False)
+    assert not again.skipped and "files_sha256" in again.manifest
+    assert again.manifest["fingerprint"] == manifest["fingerprint"]  # the index built over it stays valid
+    assert build_store(cfg, progress=False).skipped
+
+
 # ---------------------------------------------------------------------------------------------- embeddings
 
 
