@@ -7,7 +7,7 @@ finished file can be kept or must be made again. A mismatch, a missing or a trun
 a `UserError` naming the file and the command that rebuilds it, never served.
 
 A hash of None means a manifest written before hashes existed: it is not checked (old artifacts still load).
-Cost: sha256 reads about 1.1 GB/s on one core of the 2-core CPU this was measured on (README, "Integrity").
+Cost: sha256 reads about 1.2 GB/s on one core of the busy 2-core CPU this was measured on (README, Commands).
 """
 
 from __future__ import annotations
