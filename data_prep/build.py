@@ -42,7 +42,7 @@ from data_prep.loaders import BadInput, LoadStats, Source, iter_documents, parse
 from data_prep.records import QAExample, Segment
 from data_prep.segment import Segmenter, gold_positions, iter_segmented, normalize_for_match, resolve_workers
 from data_prep.split import split_of
-from data_prep.store import FORMAT_VERSION, MANIFEST_FILE, SegmentStore, StoreWriter
+from data_prep.store import FORMAT_VERSION, MANIFEST_FILE, SegmentStore, StoreWriter, verify_qa
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,15 @@ def _existing_build_key(store_dir: Path) -> str | None:
     if not (store_dir / MANIFEST_FILE).is_file():
         return None
     try:
-        return SegmentStore.open(store_dir).manifest.get("build_key")
-    except UserError:
-        return None  # a broken store is rebuilt
+        manifest = SegmentStore.open(store_dir).manifest
+        verify_qa(store_dir, manifest)
+    except UserError as err:
+        log.warning("rebuilding the store: %s", err)
+        return None  # a broken or damaged store is rebuilt
+    if "files_sha256" not in manifest:
+        log.info("rebuilding the store %s: it was built before file hashes were recorded", store_dir)
+        return None
+    return manifest.get("build_key")
 
 
 def finalize_qa(

@@ -10,7 +10,9 @@ Layout of a store directory (`run_dir/store/`):
 - `qa.jsonl`: every QA example (all splits), one `QAExample` a line, with `split` and `gold_segment_ids`.
 - `manifest.json`: written last; `format_version`, `created`, `counts` (segments, documents, qa,
   qa_per_split, qa_without_gold_segment, plus whatever the builder adds), `segments_sha256`/`qa_sha256`
-  (hashes of the content), `fingerprint`, and the builder's fields (source, tokenizer, window, stride...).
+  (hashes of the content), `files_sha256` (sha256 of the bytes of segments.arrow and qa.jsonl, checked
+  on every open: a damaged file is refused, and `data_prep.build` rebuilds it), `fingerprint`, and the
+  builder's fields (source, tokenizer, window, stride...).
 
 Segment ids are 0..N-1 in store order, and segments of one document are contiguous and in document order.
 `text` is the raw window of the document WITHOUT the title; whoever embeds or reads a segment joins title
@@ -18,7 +20,7 @@ and text with `segment_input_text` (the one place that decides how).
 
 Reading::
 
-    store = SegmentStore.open(run_dir / "store")   # UserError if missing, incomplete or corrupt
+    store = SegmentStore.open(run_dir / "store")   # UserError if missing, incomplete, corrupt or damaged
     len(store); store.fingerprint; store.qa_fingerprint; store.manifest
     store.get(7) -> Segment; store.get_many([3, 1, 2]) -> list[Segment] (in the order asked)
     for batch in store.iter_batches(256): ...      # list[Segment], streaming, in segment_id order
@@ -56,6 +58,7 @@ import pyarrow as pa
 
 from configs.errors import UserError
 from data_prep.atomic import atomic_dir, fingerprint
+from data_prep.integrity import hash_files, verify_file
 from data_prep.records import QAExample, Segment
 from data_prep.split import SPLITS
 
@@ -63,6 +66,7 @@ FORMAT_VERSION = 1
 SEGMENTS_FILE = "segments.arrow"
 QA_FILE = "qa.jsonl"
 MANIFEST_FILE = "manifest.json"
+REBUILD = "rebuild it with `python -m data_prep.build --config C`"
 
 SCHEMA = pa.schema(
     [
@@ -133,6 +137,8 @@ class SegmentStore:
             raise UserError(
                 f"{path}: {SEGMENTS_FILE} is missing; rebuild with `python -m data_prep.build --force`"
             )
+        # The whole file, on every open (~1 GB/s): a flipped byte would otherwise give wrong text silently.
+        verify_file(seg_path, manifest.get("files_sha256", {}).get(SEGMENTS_FILE), REBUILD)
         try:
             mmap = pa.memory_map(str(seg_path), "r")
             reader = pa.ipc.open_file(mmap)
@@ -250,6 +256,11 @@ def _qa_from_json(obj: dict) -> QAExample:
     return QAExample(**{k: v for k, v in obj.items() if k in names})
 
 
+def verify_qa(store_dir: Path | str, manifest: dict) -> None:
+    """Refuse a qa.jsonl whose bytes do not match the store's manifest (SegmentStore.open checks segments only)."""
+    verify_file(Path(store_dir) / QA_FILE, manifest.get("files_sha256", {}).get(QA_FILE), REBUILD)
+
+
 def load_qa(store_dir: Path | str, split: str = "all") -> list[QAExample]:
     """The store's QA examples of one split (`train`, `dev`, `test` or `all`), in file order."""
     if split not in (*SPLITS, "all"):
@@ -260,6 +271,11 @@ def load_qa(store_dir: Path | str, split: str = "all") -> list[QAExample]:
         raise UserError(
             f"no segment store at {store_dir}; build it with `python -m data_prep.build --config C`"
         )
+    try:
+        manifest = json.loads((store_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{store_dir / MANIFEST_FILE}: corrupt manifest ({e}); {REBUILD}") from e
+    verify_qa(store_dir, manifest)
     out = []
     with open(qa_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -410,6 +426,7 @@ class StoreWriter:
             qa_sha256=qa_sha,
             fingerprint=fingerprint({"format_version": FORMAT_VERSION, "segments_sha256": seg_sha}),
             qa_fingerprint=fingerprint({"format_version": FORMAT_VERSION, "qa_sha256": qa_sha}),
+            files_sha256=hash_files(self._tmp, [SEGMENTS_FILE, QA_FILE]),
         )
         return manifest
 

@@ -7,27 +7,40 @@
 The manifest records the sha256 of the knowledge encoder's weights and the segment store's fingerprint;
 opening a store made by another encoder checkpoint or over another segment store is refused. Shards are
 written atomically one at a time, so an interrupted precompute resumes after the last finished shard.
+
+Each shard's entry also holds the `sha256` of its file. A reader hashes a shard the first time it serves
+from it in a process (`data_prep.integrity.verify_once`) and refuses a damaged one; a rerun of precompute
+hashes every shard and computes the prefixes of a damaged (or unhashed, older) shard again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from configs.errors import UserError
 from data_prep.atomic import atomic_write_json
+from data_prep.integrity import file_ok, sha256_file, verify_once
 from knowledge_encoder import prefix_codec
 from lm.prefix import Prefix
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+REBUILD = "rerun `python -m knowledge_encoder.precompute --config C` to compute it again"
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def _shard_index(name: str) -> int:
+    return int(name.removeprefix("shard-").removesuffix(".safetensors"))
 
 
 class PrefixStoreWriter:
@@ -48,6 +61,23 @@ class PrefixStoreWriter:
         else:
             old = None
         self.manifest = old or {**meta, "dtype": dtype, "shards": [], "complete": False, "count": 0}
+        if old is not None:
+            self._drop_damaged()
+
+    def _drop_damaged(self) -> None:
+        """Forget (and delete) every listed shard whose file does not match its sha256 or has none recorded,
+        so that `done_ids` leaves its segments to be computed again."""
+        keep = []
+        for shard in self.manifest["shards"]:
+            path = self.dir / shard["file"]
+            if file_ok(path, shard.get("sha256")):
+                keep.append(shard)
+                continue
+            log.warning("prefix shard %s is damaged or has no sha256: its prefixes are computed again", path)
+            path.unlink(missing_ok=True)
+        if len(keep) != len(self.manifest["shards"]):
+            self.manifest.update(shards=keep, complete=False, count=sum(s["count"] for s in keep))
+            atomic_write_json(self.dir / MANIFEST, self.manifest)
 
     def done_ids(self) -> set[int]:
         done = set()
@@ -58,11 +88,15 @@ class PrefixStoreWriter:
 
     def add(self, ids: list[int], prefix: Prefix) -> None:
         tensors = {"ids": torch.tensor(ids, dtype=torch.int64), **prefix_codec.encode(prefix, self.dtype)}
-        name = shard_name(len(self.manifest["shards"]))
+        # After a damaged shard was dropped the list has a gap: the next name follows the highest one.
+        name = shard_name(max((_shard_index(s["file"]) + 1 for s in self.manifest["shards"]), default=0))
         tmp = self.dir / f".{name}.tmp"
         save_file(tensors, str(tmp))
+        digest = sha256_file(tmp)
         tmp.replace(self.dir / name)
-        self.manifest["shards"].append({"file": name, "count": len(ids), "slots": int(tensors["mask"].shape[1])})
+        self.manifest["shards"].append(
+            {"file": name, "count": len(ids), "slots": int(tensors["mask"].shape[1]), "sha256": digest}
+        )
         self.manifest["count"] += len(ids)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
 
@@ -72,7 +106,12 @@ class PrefixStoreWriter:
 
 
 class PrefixStore:
-    """Read-only view: `get(ids)` -> Prefix (N, H, P, D) per layer, or None if an id is missing."""
+    """Read-only view: `get(ids)` -> Prefix (N, H, P, D) per layer, or None if an id is missing.
+
+    Opening reads every shard's ids; a shard's bytes (ids included) are checked against its sha256 before
+    the first prefix is served from it, so a damaged shard is refused rather than answering with the prefix
+    of another segment.
+    """
 
     def __init__(self, directory: Path, manifest: dict):
         self.dir = Path(directory)
@@ -80,11 +119,25 @@ class PrefixStore:
         self.next_position = manifest["next_position"]
         self._where: dict[int, tuple[int, int]] = {}
         self._handles = []
+        self._verified: set[int] = set()
         for s, shard in enumerate(manifest["shards"]):
-            handle = safe_open(str(self.dir / shard["file"]), framework="pt")
+            path = self.dir / shard["file"]
+            try:
+                handle = safe_open(str(path), framework="pt")
+                ids = handle.get_tensor("ids").tolist()
+            except (SafetensorError, OSError) as err:
+                raise UserError(f"{path}: the prefix shard cannot be read ({err}); {REBUILD}") from err
             self._handles.append(handle)
-            for row, sid in enumerate(handle.get_tensor("ids").tolist()):
+            for row, sid in enumerate(ids):
                 self._where[sid] = (s, row)
+
+    def _shard(self, s: int):
+        """The open handle of shard `s`, its file verified once per process (`verify_once`)."""
+        if s not in self._verified:
+            shard = self.manifest["shards"][s]
+            verify_once(self.dir / shard["file"], shard.get("sha256"), REBUILD)
+            self._verified.add(s)
+        return self._handles[s]
 
     @classmethod
     def open(cls, directory: Path, encoder_sha256: str, store_fingerprint: str) -> PrefixStore:
@@ -114,7 +167,7 @@ class PrefixStore:
         if where is None:
             return None
         s, row = where
-        h = self._handles[s]
+        h = self._shard(s)
         rows = {name: h.get_slice(name)[row:row + 1] for name in h.keys() if name != "ids"}  # noqa: SIM118 (safe_open is not a dict)
         return prefix_codec.decode(rows, self.next_position, device)
 

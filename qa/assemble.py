@@ -30,7 +30,7 @@ from configs.errors import UserError
 from configs.loader import config_from_dict
 from configs.schema import KnowledgeEncoderConfig
 from data_prep.atomic import atomic_dir, atomic_write_json
-from qa.checkpoint import LEGACY_ENCODER_KEYS, MANIFEST, read_manifest
+from qa.checkpoint import LEGACY_ENCODER_KEYS, MANIFEST, read_manifest, verify_weights, weights_sha256
 from qa.systems import parse_system
 
 PROVENANCE = ("step", "data", "train_seconds", "store_fingerprint", "qa_fingerprint", "created")
@@ -89,8 +89,10 @@ def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = 
                                 "checkpoint holds systems of one LM")
             if system not in source["systems"]:
                 raise UserError(f"{src} has no system `{system}`; it holds: {', '.join(source['systems'])}")
-            shutil.copytree(src / system, tmp / name)
             info = dict(source["systems"][system])
+            verify_weights(src, system, info)  # never ship a damaged copy
+            shutil.copytree(src / system, tmp / name)
+            info["sha256"] = weights_sha256(tmp / name)  # also for a source from before hashes
             if name in overrides:
                 if "knowledge_encoder" not in info:
                     raise UserError(f"--encoder {name}: `{system}` has no knowledge encoder")

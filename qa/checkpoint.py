@@ -6,6 +6,9 @@
     manifest.json   systems, LM fingerprint, retriever encoder, P, data fingerprints, joint_retriever
 
 Only safetensors, JSON and YAML: nothing here unpickles. A checkpoint made for another LM is refused.
+Each system's manifest entry holds `sha256`: {weights file: sha256}, checked before the weights load; a
+damaged, truncated or missing weights file is refused with a UserError naming it (an entry without
+`sha256`, from before hashes were recorded, loads unchecked).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from configs.errors import UserError
@@ -23,11 +27,12 @@ from configs.loader import config_from_dict, to_dict
 from configs.models import lm_fingerprint
 from configs.schema import Config, KnowledgeEncoderConfig
 from data_prep.atomic import atomic_dir, atomic_write_json
+from data_prep.integrity import sha256_file, verify_file
 from knowledge_encoder.encoder import KnowledgeEncoder
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
 from qa.model import LossWeights, PrefixQAModel
-from qa.static_prefix import StaticPrefix
+from qa.static_prefix import ADAPTER_WEIGHTS, StaticPrefix
 from qa.systems import SystemName, parse_system
 
 MANIFEST = "manifest.json"
@@ -114,6 +119,7 @@ def save_checkpoint(directory: Path, models: dict[str, PrefixQAModel], cfg: Conf
             if model.static is not None:
                 model.static.save(sub)
                 info["static_slots"] = model.static.slots
+            info["sha256"] = weights_sha256(sub)
             manifest["systems"][name] = info
         atomic_write_json(tmp / MANIFEST, manifest)
 
@@ -129,6 +135,34 @@ LEGACY_ENCODER_KEYS = {"pool_rope": "post", "slot_bias": False, "compressor": "p
 def saved_encoder_config(saved: dict) -> KnowledgeEncoderConfig:
     """The KnowledgeEncoderConfig a manifest describes, with LEGACY_ENCODER_KEYS for keys it predates."""
     return KnowledgeEncoderConfig(**{**LEGACY_ENCODER_KEYS, **saved})
+
+
+def weights_sha256(sub: Path) -> dict[str, str]:
+    """{file: sha256} of a system folder's weights (what its manifest entry records as `sha256`)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(sub).glob("*.safetensors"))}
+
+
+def _rebuild_hint(directory: Path) -> str:
+    if Path(directory).resolve() == SHIPPED_MODEL.resolve():
+        return f"restore the shipped model with `git checkout -- models/{SHIPPED_MODEL.name}`"
+    return "train it again with `python -m qa.train --config C` (or set qa.checkpoint to another checkpoint)"
+
+
+def verify_weights(directory: Path, name: str, info: dict) -> None:
+    """Refuse system `name` of checkpoint `directory` when a weights file it needs is missing or does not match
+    the sha256 its manifest entry `info` records (unchecked when the entry predates hashes)."""
+    kind = parse_system(name).kind
+    needed = [f for f, used in ((ENCODER_WEIGHTS, kind.dynamic), (ADAPTER_WEIGHTS, kind.static)) if used]
+    for file in needed:
+        verify_file(Path(directory) / name / file, info.get("sha256", {}).get(file), _rebuild_hint(directory))
+
+
+def _load_weights(path: Path, directory: Path) -> dict:
+    """load_file, with a truncated or unreadable file refused by a UserError that names it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path}: the weights cannot be read ({err}); {_rebuild_hint(directory)}") from err
 
 
 def read_manifest(directory: Path) -> dict:
@@ -157,15 +191,20 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
                             f"{', '.join(manifest['systems']) or 'nothing'}")
         system = parse_system(name)
         sub = directory / name
+        verify_weights(directory, name, manifest["systems"][name])
         saved_cfg = config_from_dict(yaml.safe_load((sub / "config.yaml").read_text()), str(sub / "config.yaml"))
         encoder = static = None
         if system.kind.dynamic:
             kcfg = saved_encoder_config(manifest["systems"][name]["knowledge_encoder"])
             dim = manifest["systems"][name].get("feature_dim") or (feature_dims or {}).get(kcfg.backbone)
             encoder = KnowledgeEncoder(kcfg, lm.config, dim, lm=lm)
-            encoder.load_state_dict(load_file(str(sub / ENCODER_WEIGHTS)))
+            encoder.load_state_dict(_load_weights(sub / ENCODER_WEIGHTS, directory))
         if system.kind.static:
-            static = StaticPrefix.load(sub, lm.config)
+            try:
+                static = StaticPrefix.load(sub, lm.config)
+            except (SafetensorError, OSError) as err:
+                raise UserError(f"{sub / ADAPTER_WEIGHTS}: the weights cannot be read ({err}); "
+                                f"{_rebuild_hint(directory)}") from err
         model = PrefixQAModel(system, lm, encoder, static, loss_weights(saved_cfg))
         device = next(lm.parameters()).device
         models[name] = model.to(device).eval().requires_grad_(False)
@@ -192,7 +231,8 @@ def init_encoder_from(model: PrefixQAModel, spec: str, name: str, lm_config) -> 
             raise UserError(f"train.init_from={spec}: {directory} has no dynamic system `{source}`; it holds "
                             f"{', '.join(manifest['systems'])}")
         return None
-    weights = load_file(str(Path(directory) / source / ENCODER_WEIGHTS))
+    verify_weights(directory, source, info)
+    weights = _load_weights(Path(directory) / source / ENCODER_WEIGHTS, directory)
     own = model.encoder.state_dict()
     wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     if wrong or (source == name and set(weights) != set(own)):

@@ -5,7 +5,11 @@ Layout of `run_dir/embeddings/`:
 - `shard-00000.npy`, `shard-00001.npy`, ...: rows [i·S, min(N, (i+1)·S)) of the matrix, S = shard_size,
   in segment-store order; `ids-00000.npy`, ...: the int64 segment ids of those rows.
 - `manifest.json`: encoder (name, fingerprint, dim, similarity, max_seq_length, prefixes), store
-  fingerprint, n, dim, dtype, shard_size, the finished shards, `complete`, and the throughput.
+  fingerprint, n, dim, dtype, shard_size, the finished shards (each with the `sha256`/`ids_sha256` of its
+  two files, recorded when they were written), `complete`, and the throughput.
+
+A reader checks a shard's hashes the first time it reads the shard in a process (`data_prep.integrity`);
+a damaged shard is refused, and the next `python -m retriever.index` embeds it again.
 
 A shard is the unit of work and of resume: it is filled through a temporary memory-mapped file, flushed
 and renamed, and only then listed in the manifest (itself replaced atomically). After a crash the next
@@ -28,12 +32,14 @@ from tqdm.auto import tqdm
 
 from configs.errors import UserError
 from data_prep.atomic import atomic_write_json
+from data_prep.integrity import file_ok, sha256_file, verify_once
 from data_prep.store import SegmentStore, segment_input_text
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
+REBUILD = "rerun `python -m retriever.index --config C` to embed it again"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
@@ -64,7 +70,15 @@ def _same_settings(old: dict, new: dict) -> bool:
 
 
 def _shard_ok(out_dir: Path, shard: dict, dim: int, dtype: str) -> bool:
+    """Whether a finished shard can be kept: both files match their hashes (a shard without hashes, from
+    before they were recorded, is made again) and have the expected shapes."""
     vec_name, ids_name = shard["file"], shard["ids_file"]
+    if not (
+        file_ok(out_dir / vec_name, shard.get("sha256"))
+        and file_ok(out_dir / ids_name, shard.get("ids_sha256"))
+    ):
+        log.info("embedding shard %s is damaged or has no hash: embedding it again", out_dir / vec_name)
+        return False
     try:
         vecs = np.load(out_dir / vec_name, mmap_mode="r", allow_pickle=False)
         ids = np.load(out_dir / ids_name, mmap_mode="r", allow_pickle=False)
@@ -155,7 +169,15 @@ def embed_store(
             del matrix
             os.replace(tmp, out_dir / vec_name)
             np.save(out_dir / ids_name, np.ascontiguousarray(all_ids[start : start + count], dtype=np.int64))
-            done[i] = {"index": i, "start": start, "count": count, "file": vec_name, "ids_file": ids_name}
+            done[i] = {
+                "index": i,
+                "start": start,
+                "count": count,
+                "file": vec_name,
+                "ids_file": ids_name,
+                "sha256": sha256_file(out_dir / vec_name),
+                "ids_sha256": sha256_file(out_dir / ids_name),
+            }
             _write_manifest(out_dir, settings, done, complete=len(done) == n_shards, rate=None)
     finally:
         bar.close()
@@ -239,6 +261,9 @@ class Embeddings:
         return int(self.manifest["dim"])
 
     def _shard(self, shard: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of one shard, memory-mapped; its files are hashed the first time a process reads them."""
+        verify_once(self.path / shard["file"], shard.get("sha256"), REBUILD)
+        verify_once(self.path / shard["ids_file"], shard.get("ids_sha256"), REBUILD)
         vecs = np.load(self.path / shard["file"], mmap_mode="r", allow_pickle=False)
         ids = np.load(self.path / shard["ids_file"], mmap_mode="r", allow_pickle=False)
         return ids, vecs

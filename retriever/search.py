@@ -14,7 +14,8 @@ with data_prep's segmenter, embeds them and adds them under new ids (>= every id
 a Retriever opens, so the built `run_dir/index` is never rewritten; `reset()` deletes the delta and
 returns to the built index. A delta made for another index or encoder is ignored with a warning.
 
-`run_dir/live/`: `manifest.json` (base index sha256, encoder fingerprint, next_id, counts),
+`run_dir/live/`: `manifest.json` (base index sha256, encoder fingerprint, next_id, counts, and
+`files_sha256` of the three other files, checked when the delta is replayed: a damaged file is refused),
 `segments.jsonl` (the added segments that are still live), `vectors.npy` (their float32 embeddings,
 same order), `removed.npy` (int64 ids of removed segments of the built store).
 """
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 
 from configs.errors import UserError
 from data_prep.atomic import atomic_dir
+from data_prep.integrity import hash_files, verify_file
 from data_prep.records import Document, Segment
 from data_prep.store import SegmentStore, segment_input_text
 from retriever.encoder import Encoder
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 LIVE_DIR = "live"
 _LIVE_FORMAT = 1
+_LIVE_FILES = ["segments.jsonl", "vectors.npy", "removed.npy"]
 
 
 @dataclass
@@ -121,7 +124,9 @@ class Retriever:
                     built[key],
                     getattr(encoder.info, key),
                 )
-        retriever = cls.configured(cfg, encoder=encoder, index=index, manifest=manifest, store=store, run_dir=run_dir)
+        retriever = cls.configured(
+            cfg, encoder=encoder, index=index, manifest=manifest, store=store, run_dir=run_dir
+        )
         retriever._load_live()
         return retriever
 
@@ -141,7 +146,9 @@ class Retriever:
         retriever.hybrid.*: the BM25 index of `store` lives in `bm25_dir`, default run_dir/bm25)."""
         hybrid = None
         if cfg.retriever.hybrid.enabled:
-            hybrid = HybridSearcher.from_config(cfg.retriever.hybrid, store, Path(bm25_dir or Path(run_dir) / "bm25"))
+            hybrid = HybridSearcher.from_config(
+                cfg.retriever.hybrid, store, Path(bm25_dir or Path(run_dir) / "bm25")
+            )
         return cls(
             encoder=encoder,
             index=index,
@@ -358,6 +365,7 @@ class Retriever:
                     f.write(json.dumps(dataclasses.asdict(self._live_segments[i]), ensure_ascii=False) + "\n")
             np.save(tmp / "vectors.npy", vectors.astype(np.float32))
             np.save(tmp / "removed.npy", np.array(sorted(self._removed), dtype=np.int64))
+            manifest["files_sha256"] = hash_files(tmp, _LIVE_FILES)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     def _load_live(self) -> None:
@@ -377,6 +385,13 @@ class Retriever:
                     self.live_dir,
                 )
                 return
+            hashes = manifest.get("files_sha256", {})
+            for name in _LIVE_FILES:
+                verify_file(
+                    self.live_dir / name,
+                    hashes.get(name),
+                    "delete the folder (or call reset()) to return to the built index, then add the documents again",
+                )
             with open(self.live_dir / "segments.jsonl", encoding="utf-8") as f:
                 segments = [Segment(**json.loads(line)) for line in f if line.strip()]
             vectors = np.load(self.live_dir / "vectors.npy", allow_pickle=False)

@@ -90,3 +90,16 @@ def test_feature_disk_is_off_with_zero_gigabytes(tmp_path, smol_tokenizer, tiny_
     assert on.disk is not None and on.disk.dir.parent == tmp_path / "feature_cache"
     off = FeatureCache.from_config(backbone, load_config(None, [f"run_dir={tmp_path}", "train.feature_disk_gb=0"]))
     assert off.disk is None
+
+
+def test_flipped_byte_in_a_feature_entry_is_recomputed_not_served(tmp_path, smol_tokenizer, tiny_llama):
+    first = _cache(tiny_llama, smol_tokenizer, tmp_path / "fc")
+    want = first.get(SEGMENTS[:1], "cpu")
+    path = next((tmp_path / "fc").rglob("*.safetensors"))
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # a value byte of the last tensor: the file still parses
+    path.write_bytes(bytes(data))
+    again = _cache(tiny_llama, smol_tokenizer, tmp_path / "fc")
+    got = again.get(SEGMENTS[:1], "cpu")
+    assert again.backbone.computed == 1  # the hash in the entry's metadata caught it
+    assert all(torch.equal(a, b) for a, b in zip(got.values, want.values))

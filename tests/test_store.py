@@ -156,7 +156,7 @@ def test_missing_or_corrupt_store_is_a_user_error(tmp_path):
     (out / MANIFEST_FILE).write_text(manifest)
     data = (out / SEGMENTS_FILE).read_bytes()
     (out / SEGMENTS_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="corrupt segment file"):
+    with pytest.raises(UserError, match="segments.arrow: sha256 does not match"):
         SegmentStore.open(out)
     (out / SEGMENTS_FILE).write_bytes(data)
     m = json.loads(manifest)
