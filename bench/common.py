@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.precision import warn_if_slow_bf16
 
 

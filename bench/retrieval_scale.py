@@ -25,9 +25,9 @@ import faiss
 import numpy as np
 
 from bench.machine import PeakRSS
+from common.atomic import atomic_write_json
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
-from data_prep.atomic import atomic_write_json
 from retriever.embed import Embeddings
 from retriever.faiss_index import FaissIndex, auto_nprobe, default_nlist, expand_factory
 

@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 from bench.machine import CpuSnapshot, load_average, machine_label, machine_record, other_cpu_share
+from common.atomic import atomic_write_json, atomic_write_text, fingerprint
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.loader import save_config, to_dict
 from configs.schema import BenchConfig
-from data_prep.atomic import atomic_write_json, atomic_write_text, fingerprint
 
 log = logging.getLogger("bench.run")
 

@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import iter_keys, load_config
 from configs.schema import Config
 

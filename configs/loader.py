@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from configs.errors import ConfigError
+from common.errors import ConfigError
 from configs.schema import Config
 
 
@@ -206,7 +206,7 @@ def config_from_dict(data: dict, source: str = "saved config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from data_prep.atomic import atomic_write_text
+    from common.atomic import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from configs.errors import UserError
+from common.atomic import atomic_dir, fingerprint
+from common.errors import UserError
 from configs.precision import warn_if_slow_bf16
-from data_prep.atomic import atomic_dir, fingerprint
 
 log = logging.getLogger(__name__)
 

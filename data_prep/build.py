@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.atomic import fingerprint
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.schema import Config
-from data_prep.atomic import fingerprint
 from data_prep.loaders import BadInput, LoadStats, Source, iter_documents, parse_source, read_qa
 from data_prep.records import QAExample, Segment
 from data_prep.segment import Segmenter, gold_positions, iter_segmented, normalize_for_match, resolve_workers

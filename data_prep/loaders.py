@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.errors import UserError
-from data_prep.atomic import sha256_file
+from common.atomic import sha256_file
+from common.errors import UserError
 from data_prep.records import Document, QAExample
 
 log = logging.getLogger(__name__)

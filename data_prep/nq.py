@@ -30,7 +30,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.loaders import LoadStats
 from data_prep.records import Document, QAExample
 

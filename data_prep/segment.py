@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.records import Document, Segment
 
 

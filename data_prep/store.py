@@ -56,9 +56,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from configs.errors import UserError
-from data_prep.atomic import atomic_dir, fingerprint
-from data_prep.integrity import hash_files, verify_file
+from common.atomic import atomic_dir, fingerprint
+from common.errors import UserError
+from common.integrity import hash_files, verify_file
 from data_prep.records import QAExample, Segment
 from data_prep.split import SPLITS
 

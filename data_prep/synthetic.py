@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from configs.errors import UserError
+from common.atomic import atomic_write_json, fingerprint
+from common.errors import UserError
 from configs.schema import SyntheticConfig
-from data_prep.atomic import atomic_write_json, fingerprint
 from data_prep.records import Document, QAExample
 from data_prep.split import split_of
 from data_prep.synthetic_articles import cap, render_article

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.loaders import LoadStats, iter_jsonl
 from data_prep.records import Document
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from data_prep.records import Document
 
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     for mode, r in results.items():
         print(f"{mode:<22} {r['top1_is_new_doc']:>16.2f} {r['em']:>6.2f} {r['contains']:>9.2f}")
     if ns.json:
-        from data_prep.atomic import atomic_write_json
+        from common.atomic import atomic_write_json
 
         atomic_write_json(ns.json, results)
     for mode, r in results.items():

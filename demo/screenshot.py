@@ -18,8 +18,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 from pathlib import Path  # noqa: E402
 
+from common.errors import UserError  # noqa: E402
 from configs.cli import build_parser, parse, run_main  # noqa: E402
-from configs.errors import UserError  # noqa: E402
 
 
 def pick_question(service, mode: str, top_k: int, tries: int) -> tuple[str, str]:
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tries", type=int, default=20, help="questions tried when picking one")
     parser.add_argument("--width", type=int, default=1400, help="browser window width in pixels")
     cfg, ns = parse(parser, argv)
-    from data_prep.atomic import atomic_write_bytes
+    from common.atomic import atomic_write_bytes
     from demo.browser import ask, chromium_path, open_page
     from demo.service import DemoService
     from demo.ui import build_ui, free_port, launch

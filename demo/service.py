@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import Config
 from data_prep.records import Segment
 from demo.documents import Limits, pasted_document, uploaded_documents

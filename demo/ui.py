@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from configs.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from demo.render import CSS, latency_markdown, md_code, sources_html  # noqa: E402
 from demo.service import DemoService, source_dicts  # noqa: E402
 

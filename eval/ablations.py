@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from configs.errors import UserError
-from data_prep.atomic import fingerprint
+from common.atomic import fingerprint
+from common.errors import UserError
 from data_prep.records import QAExample
 from data_prep.synthetic import majority_answers
 from retriever.search import Hit

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import Config
 from data_prep.records import QAExample
 from data_prep.store import SegmentStore

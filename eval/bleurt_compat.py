@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

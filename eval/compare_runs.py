@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import UserError
 from configs.cli import run_main
-from configs.errors import UserError
 from eval.metrics import get_metric
 from eval.stats import PairedDifference, paired_bootstrap_ci
 

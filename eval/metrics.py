@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from common.answers import exact_match, squad_normalize, token_f1
-from configs.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

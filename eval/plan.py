@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import Config
 from eval.ablations import MAJORITY
 from qa.checkpoint import read_manifest

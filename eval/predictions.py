@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.answers import AnswerMatcher
-from configs.errors import UserError
+from common.atomic import atomic_write_text, fingerprint, sha256_file
+from common.errors import UserError
 from configs.models import lm_fingerprint, resolve_device
 from configs.schema import Config
-from data_prep.atomic import atomic_write_text, fingerprint, sha256_file
 from data_prep.records import QAExample
 from data_prep.store import SegmentStore
 from eval.ablations import MAJORITY

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from configs.errors import UserError
+from common.atomic import fingerprint
+from common.errors import UserError
 from configs.schema import Config
-from data_prep.atomic import fingerprint
 from data_prep.records import QAExample
 from data_prep.store import load_qa
 

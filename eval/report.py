@@ -14,9 +14,9 @@ import json
 import os
 from pathlib import Path
 
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
-from data_prep.atomic import atomic_write_bytes, atomic_write_text
 
 NONE = "–"
 QUALITY = ("em", "f1", "contains", "bertscore_f1", "bleurt")

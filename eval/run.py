@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import atomic_write_json
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.models import resolve_device, resolve_lm_path
 from configs.schema import Config
-from data_prep.atomic import atomic_write_json
 from data_prep.store import SegmentStore, load_qa
 from eval.ablations import MAJORITY
 from eval.answering import ablation_hits_of, answer_majority, answer_runs, qa_factory_of, shared_search

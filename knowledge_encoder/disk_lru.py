@@ -6,12 +6,15 @@
 Entries are keyed by a hex string (a hash of what they were computed from). `get` touches the file's mtime, so
 the least recently used entry is the oldest file, for this process and the next. When the entries exceed
 `max_bytes` the least recently used go. Each entry is written to a temporary file and renamed, so a crash
-leaves whole entries only (and a leftover temporary file, deleted at the next start); an entry that does not
-load is deleted and reported as a miss, for the caller to recompute.
+leaves whole entries only (and a leftover temporary file, deleted at the next start). Each entry carries the
+sha256 of its tensors in its safetensors metadata; an entry that does not load or whose tensors do not match
+it (a flipped byte, an entry from before the hash) is deleted and reported as a miss, for the caller to
+recompute: never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,13 +23,34 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from data_prep.atomic import atomic_write_json
+from common.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+DIGEST = "sha256"  # the metadata key of an entry's tensor hash
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of `tensors` (what an entry's metadata records)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_entry(path: Path) -> dict[str, torch.Tensor]:
+    """An entry's tensors; ValueError when they do not match the digest in its metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        expected = (f.metadata() or {}).get(DIGEST)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if expected is None or tensor_digest(tensors) != expected:
+        raise ValueError("sha256 of its tensors does not match its metadata" if expected else "no sha256")
+    return tensors
 
 
 class DiskLRU:
@@ -69,9 +93,9 @@ class DiskLRU:
             self.misses += 1
             return None
         try:
-            tensors = load_file(str(path))
+            tensors = _read_entry(path)
             os.utime(path)  # most recently used, also for the next process
-        except (SafetensorError, OSError) as err:
+        except (SafetensorError, OSError, ValueError) as err:
             log.warning("%s entry %s does not load (%s): recomputed", self.what, path, err)
             self._drop(path)
             self.misses += 1
@@ -86,7 +110,8 @@ class DiskLRU:
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes sharing the cache never collide
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            save_file(tensors, str(tmp), metadata={DIGEST: tensor_digest(tensors)})
             tmp.replace(path)
         except OSError as err:  # e.g. a disk full, or another process's start-up cleaned the temporary file
             log.warning("%s entry %s not written (%s)", self.what, path, err)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.atomic import sha256_file
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.models import load_lm
-from data_prep.atomic import sha256_file
 from data_prep.store import SegmentStore
 from knowledge_encoder.backbones import build_backbone
 from knowledge_encoder.prefix_store import PrefixStoreWriter

@@ -9,7 +9,7 @@ opening a store made by another encoder checkpoint or over another segment store
 written atomically one at a time, so an interrupted precompute resumes after the last finished shard.
 
 Each shard's entry also holds the `sha256` of its file. A reader hashes a shard the first time it serves
-from it in a process (`data_prep.integrity.verify_once`) and refuses a damaged one; a rerun of precompute
+from it in a process (`common.integrity.verify_once`) and refuses a damaged one; a rerun of precompute
 hashes every shard and computes the prefixes of a damaged (or unhashed, older) shard again.
 """
 
@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from configs.errors import UserError
-from data_prep.atomic import atomic_write_json
-from data_prep.integrity import file_ok, sha256_file, verify_once
+from common.atomic import atomic_write_json
+from common.errors import UserError
+from common.integrity import file_ok, sha256_file, verify_once
 from knowledge_encoder import prefix_codec
 from lm.prefix import Prefix
 

@@ -16,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from common.atomic import atomic_write_text
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
-from data_prep.atomic import atomic_write_text
 from qa.system import QASystem
 
 

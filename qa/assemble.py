@@ -25,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from common.atomic import atomic_dir, atomic_write_json
+from common.errors import UserError
 from configs.cli import run_main
-from configs.errors import UserError
 from configs.loader import config_from_dict
 from configs.schema import KnowledgeEncoderConfig
-from data_prep.atomic import atomic_dir, atomic_write_json
 from qa.checkpoint import LEGACY_ENCODER_KEYS, MANIFEST, read_manifest, verify_weights, weights_sha256
 from qa.systems import parse_system
 

@@ -22,12 +22,12 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from configs.errors import UserError
+from common.atomic import atomic_dir, atomic_write_json
+from common.errors import UserError
+from common.integrity import sha256_file, verify_file
 from configs.loader import config_from_dict, to_dict
 from configs.models import lm_fingerprint
 from configs.schema import Config, KnowledgeEncoderConfig
-from data_prep.atomic import atomic_dir, atomic_write_json
-from data_prep.integrity import sha256_file, verify_file
 from knowledge_encoder.encoder import KnowledgeEncoder
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment

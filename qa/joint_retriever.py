@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import Config
 from data_prep.store import segment_input_text
 from qa.batching import Batcher, Example

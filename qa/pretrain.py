@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from common.atomic import atomic_dir, atomic_write_json
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.models import load_lm
 from configs.schema import Config
-from data_prep.atomic import atomic_dir, atomic_write_json
 from data_prep.split import in_split
 from data_prep.store import SegmentStore
 from knowledge_encoder.backbones import build_backbone

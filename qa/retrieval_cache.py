@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data_prep.atomic import atomic_write_json, fingerprint
+from common.atomic import atomic_write_json, fingerprint
 from data_prep.records import QAExample
 
 log = logging.getLogger(__name__)

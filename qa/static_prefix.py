@@ -16,7 +16,7 @@ from peft import PrefixEncoder, PrefixTuningConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from configs.errors import UserError
+from common.errors import UserError
 from knowledge_encoder.encoder import lm_dims
 from lm.prefix import Prefix
 

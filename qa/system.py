@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import to_dict
 from configs.models import load_lm
 from configs.schema import Config

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from configs.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

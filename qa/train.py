@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.atomic import atomic_dir, atomic_write_json
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.loader import save_config
 from configs.models import load_lm
 from configs.precision import warn_if_slow_bf16
 from configs.schema import Config
-from data_prep.atomic import atomic_dir, atomic_write_json
 from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone, feature_kind
 from lm.prompting import PromptTemplate

@@ -30,8 +30,8 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from configs.errors import UserError
-from data_prep.atomic import atomic_dir, sha256_file
+from common.atomic import atomic_dir, sha256_file
+from common.errors import UserError
 from data_prep.store import SegmentStore, segment_input_text
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ Layout of `run_dir/embeddings/`:
   fingerprint, n, dim, dtype, shard_size, the finished shards (each with the `sha256`/`ids_sha256` of its
   two files, recorded when they were written), `complete`, and the throughput.
 
-A reader checks a shard's hashes the first time it reads the shard in a process (`data_prep.integrity`);
+A reader checks a shard's hashes the first time it reads the shard in a process (`common.integrity`);
 a damaged shard is refused, and the next `python -m retriever.index` embeds it again.
 
 A shard is the unit of work and of resume: it is filled through a temporary memory-mapped file, flushed
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from configs.errors import UserError
-from data_prep.atomic import atomic_write_json
-from data_prep.integrity import file_ok, sha256_file, verify_once
+from common.atomic import atomic_write_json
+from common.errors import UserError
+from common.integrity import file_ok, sha256_file, verify_once
 from data_prep.store import SegmentStore, segment_input_text
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.models import resolve_device, resolve_encoder_path
 from configs.precision import warn_if_slow_bf16
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.atomic import atomic_write_json
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.loader import to_dict
-from data_prep.atomic import atomic_write_json
 from data_prep.records import QAExample
 from retriever.metrics import retrieval_metrics
 from retriever.search import Retriever

@@ -21,8 +21,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from configs.errors import UserError
-from data_prep.atomic import atomic_dir, sha256_file
+from common.atomic import atomic_dir, sha256_file
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 

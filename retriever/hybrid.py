@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.store import SegmentStore
 from retriever.bm25 import BM25Index, open_store_bm25, tokenize, top_k_rows
 

@@ -15,8 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common.answers import AnswerMatcher
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.records import QAExample, Segment
 from data_prep.split import split_of
 from data_prep.store import segment_input_text

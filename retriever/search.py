@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from configs.errors import UserError
-from data_prep.atomic import atomic_dir
-from data_prep.integrity import hash_files, verify_file
+from common.atomic import atomic_dir
+from common.errors import UserError
+from common.integrity import hash_files, verify_file
 from data_prep.records import Document, Segment
 from data_prep.store import SegmentStore, segment_input_text
 from retriever.encoder import Encoder

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from common.answers import AnswerMatcher
+from common.atomic import atomic_dir, atomic_write_json, fingerprint
+from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from configs.errors import UserError
 from configs.loader import to_dict
 from configs.precision import warn_if_slow_bf16
-from data_prep.atomic import atomic_dir, atomic_write_json, fingerprint
 from data_prep.records import QAExample, Segment
 from data_prep.store import SegmentStore, load_qa, segment_input_text
 from retriever.encoder import Encoder

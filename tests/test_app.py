@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from data_prep.store import segment_input_text
 from demo.documents import Limits, pasted_document, uploaded_documents

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import Config
 from lm.prompting import PromptTemplate
 from qa.assemble import assemble, encoder_overrides, main

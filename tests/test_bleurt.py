@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from eval.bleurt_compat import (
     BleurtScorer,
     find_pruneable_heads_and_indices,

@@ -7,7 +7,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from data_prep import build as build_mod
 from data_prep.build import build_store, main

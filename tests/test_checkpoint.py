@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import Config
 from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.prefix_store import PrefixStore, PrefixStoreWriter

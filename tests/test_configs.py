@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import ConfigError, UserError
 from configs import load_config
-from configs.errors import ConfigError, UserError
 from configs.loader import config_from_dict, iter_keys, save_config, to_dict
 from configs.models import resolve_encoder_path, resolve_lm_path
 

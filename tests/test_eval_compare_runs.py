@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from eval.compare_runs import compare, main, read_predictions
 
 

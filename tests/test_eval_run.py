@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.answers import exact_match, token_f1
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from data_prep.records import QAExample, Segment
 from data_prep.store import SegmentStore, load_qa, write_store

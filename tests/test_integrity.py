@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
+from common.integrity import file_ok, forget_verified, sha256_file, verify_file, verify_once
 from data_prep.build import build_store
-from data_prep.integrity import file_ok, forget_verified, sha256_file, verify_file, verify_once
 from data_prep.store import MANIFEST_FILE, QA_FILE, SEGMENTS_FILE, SegmentStore, load_qa, write_store
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import EncoderInfo
@@ -52,7 +52,7 @@ def test_verify_file_names_the_file_and_the_command(tmp_path):
 
 
 def test_verify_once_remembers_a_match_per_file_version(tmp_path, monkeypatch):
-    from data_prep import integrity
+    from common import integrity
 
     f = tmp_path / "shard.bin"
     f.write_bytes(b"x" * 1000)

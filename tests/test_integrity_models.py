@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.errors import UserError
+from common.errors import UserError
+from common.integrity import forget_verified
 from configs.loader import load_config
 from configs.schema import Config
-from data_prep.integrity import forget_verified
 from knowledge_encoder.precompute import encoder_sha256, precompute, prefix_dir
 from knowledge_encoder.prefix_store import PrefixStore
 from lm.prompting import PromptTemplate
@@ -100,7 +100,7 @@ def ids_offset(path) -> int:
 
 
 def test_shard_hashes_are_recorded(tiny, tmp_path):
-    from data_prep.atomic import sha256_file
+    from common.atomic import sha256_file
 
     cfg = copy_run(tiny, tmp_path)
     out = prefix_dir(cfg.run_dir, SYSTEM)
@@ -187,7 +187,7 @@ def _checkpoint(tmp_path, smol_tokenizer, tiny_llama, names=(SYSTEM, "static_pre
 
 
 def test_checkpoint_manifest_holds_weights_hashes(tmp_path, smol_tokenizer, tiny_llama):
-    from data_prep.atomic import sha256_file
+    from common.atomic import sha256_file
 
     ck = _checkpoint(tmp_path, smol_tokenizer, tiny_llama)
     systems = read_manifest(ck)["systems"]

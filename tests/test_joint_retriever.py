@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from lm.prompting import TextSegment
 from qa.batching import Example

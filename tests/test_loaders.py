@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import DataConfig
 from data_prep import nq
 from data_prep.loaders import LoadStats, iter_documents, parse_source, read_qa

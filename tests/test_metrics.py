@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.answers import squad_normalize as normalize_answer
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import EvalConfig
 from eval import stats
 from eval.metrics import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.errors import UserError
+from common.errors import UserError
 from knowledge_encoder.backbones import LMBackbone
 from lm.prompting import PromptTemplate, TextSegment
 from qa.pretrain import main as pretrain_main

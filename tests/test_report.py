@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from eval import report as rep
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.store import SegmentStore, segment_input_text
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.answers import AnswerMatcher
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from data_prep.store import SegmentStore, segment_input_text
 from qa.retrieval_cache import retrieval_fingerprint

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from retriever.faiss_index import (
     AUTO_NPROBE_SCAN,
     FaissIndex,
@@ -131,7 +131,7 @@ def test_refuses_mismatched_manifest(tmp_path, data):
         load_index_dir(tmp_path / "index")
     # ...and when its manifest is patched to the new hash, ntotal still gives it away
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    from data_prep.atomic import sha256_file
+    from common.atomic import sha256_file
 
     manifest["sha256"] = sha256_file(path)
     (tmp_path / "index" / "manifest.json").write_text(json.dumps(manifest))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from data_prep.records import Document
 from data_prep.store import SegmentStore, segment_input_text

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from data_prep.split import split_of
 from data_prep.store import SegmentStore, load_qa

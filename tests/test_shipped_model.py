@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoConfig
 
 from common.answers import exact_match
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from configs.models import lm_fingerprint, resolve_lm_path
 from data_prep.build import build_store

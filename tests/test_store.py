@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from data_prep.records import QAExample, Segment
 from data_prep.store import (
     MANIFEST_FILE,

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import pytest
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.schema import SyntheticConfig
 from data_prep.split import split_of
 from data_prep.synthetic import (

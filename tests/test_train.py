@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.errors import UserError
+from common.errors import UserError
 from configs.loader import load_config
 from qa.train import main as train_main
 from tests.tiny_run import make_tiny_run

@@ -16,8 +16,8 @@ import os
 import threading
 from pathlib import Path
 
-from configs.errors import UserError
-from data_prep.atomic import sha256_file
+from common.atomic import sha256_file
+from common.errors import UserError
 
 __all__ = ["file_ok", "forget_verified", "hash_files", "sha256_file", "verify_file", "verify_once"]
 
