@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,49 @@ from typing import Any
 
 def _tmp_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def clean_leftovers(path: Path | str) -> list[Path]:
+    """Remove the temp folders that a killed `atomic_dir(path)` left beside `path`; returns what was removed.
+
+    Only `path`'s own `.NAME.tmp-PID-*` / `.NAME.old-PID-*` siblings are touched, and only when process PID
+    is gone: a build running at the same time (another live process, or this one) keeps its folder. A job
+    killed between its two renames leaves the previous version only as `.old-*`; it is put back when `path`
+    is missing, so nothing is lost.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}$")
+    try:
+        entries = sorted(os.scandir(path.parent), key=lambda e: e.name)
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        leftover = Path(entry.path)
+        if m.group(1) == "old" and entry.is_dir(follow_symlinks=False) and not path.exists():
+            os.replace(leftover, path)
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -44,6 +88,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path)  # of an earlier job that was killed while writing `path`
     tmp = _tmp_sibling(path, "tmp")
     tmp.mkdir()
     try:

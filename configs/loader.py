@@ -174,12 +174,73 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+# A window this short holds a title and a word or two: no passage a reader or a retriever can use.
+MIN_WINDOW = 8
+# [CLS] and [SEP] the encoder adds around every segment (data_prep/segment.py: window + 2 <= max_seq_length).
+ENCODER_SPECIAL_TOKENS = 2
+
+# Counts that make no sense below a minimum: (section, key, minimum, what the minimum means).
+_MINIMUMS = (
+    ("data", "num_workers", 0, "0 = all cores"),
+    ("data", "chunk_docs", 1, ""),
+    ("retriever", "max_seq_length", 1, ""),
+    ("retriever", "batch_size", 1, ""),
+    ("index", "nlist", 0, "0 = automatic"),
+    ("index", "nprobe", 0, "0 = automatic"),
+    ("index", "shard_size", 1, ""),
+    ("index", "train_sample", 0, "0 = automatic"),
+    ("lm", "max_new_tokens", 1, ""),
+    ("lm", "max_question_chars", 1, ""),
+)
+
+
+def _check_run_dir(run_dir: str) -> None:
+    """run_dir must be a folder or creatable as one: no component of it may be an existing file."""
+    if not str(run_dir).strip():
+        raise ConfigError("run_dir is empty; give a folder, e.g. run_dir=runs/mine")
+    path = Path(run_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == path else f"is inside {p}, which is"
+                raise ConfigError(
+                    f"run_dir {run_dir} {what} an existing file, not a folder; give a folder "
+                    "(run_dir=runs/NAME), or move the file away"
+                )
+            return
+
+
 def _validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
-    if cfg.data.window <= 0 or not 0 <= cfg.data.stride < cfg.data.window:
-        raise ConfigError(f"data.stride ({cfg.data.stride}) must be >= 0 and smaller than data.window ({cfg.data.window})")
-    if not 0 <= cfg.data.dev_fraction + cfg.data.test_fraction < 1:
-        raise ConfigError("data.dev_fraction + data.test_fraction must be in [0, 1)")
+    d = cfg.data
+    if d.window < MIN_WINDOW:
+        raise ConfigError(
+            f"data.window must be at least {MIN_WINDOW} tokens (title + text of a segment), got {d.window}; "
+            "the default is 288"
+        )
+    if not 0 <= d.stride < d.window:
+        raise ConfigError(f"data.stride ({d.stride}) must be >= 0 and smaller than data.window ({d.window})")
+    if d.window + ENCODER_SPECIAL_TOKENS > cfg.retriever.max_seq_length:
+        raise ConfigError(
+            f"data.window ({d.window}) + {ENCODER_SPECIAL_TOKENS} special tokens exceeds "
+            f"retriever.max_seq_length ({cfg.retriever.max_seq_length}): the retriever would embed only the first "
+            f"{cfg.retriever.max_seq_length - ENCODER_SPECIAL_TOKENS} tokens of each segment and never see the "
+            f"rest; lower data.window to at most {cfg.retriever.max_seq_length - ENCODER_SPECIAL_TOKENS} or raise "
+            "retriever.max_seq_length (up to the encoder's positions, 512 for embedded:minilm-l6)"
+        )
+    if d.dev_fraction < 0 or d.test_fraction < 0 or not d.dev_fraction + d.test_fraction < 1:
+        raise ConfigError(
+            f"data.dev_fraction ({d.dev_fraction}) and data.test_fraction ({d.test_fraction}) must be >= 0 "
+            "and sum to less than 1"
+        )
+    for section, key, minimum, meaning in _MINIMUMS:
+        value = getattr(getattr(cfg, section), key)
+        if value < minimum:
+            note = f" ({meaning})" if meaning else ""
+            raise ConfigError(f"{section}.{key} must be >= {minimum}{note}, got {value}")
+    if not 1 <= cfg.app.port <= 65535:
+        raise ConfigError(f"app.port must be a TCP port from 1 to 65535, got {cfg.app.port} (the default is 7860)")
+    _check_run_dir(cfg.run_dir)
     if cfg.retriever.top_k < 1:
         raise ConfigError("retriever.top_k must be >= 1")
     if cfg.knowledge_encoder.prefix_slots is not None and cfg.knowledge_encoder.prefix_slots < 0:

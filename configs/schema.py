@@ -365,6 +365,7 @@ class AppConfig:
     queue_size: int = opt(32, "requests waiting in the queue at most (more are refused with a message)")
     max_top_k: int = opt(10, "largest top-k the demo accepts (the slider's maximum)")
     max_paste_chars: int = opt(100_000, "longest pasted document in characters")
+    max_title_chars: int = opt(300, "longest title of an added document in characters")
     max_upload_files: int = opt(10, "files per upload")
     examples: int = opt(6, "example questions shown under the question box (from the store's data.split)")
 

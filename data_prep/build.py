@@ -16,7 +16,11 @@ split settings), the build is skipped; `--force` rebuilds anyway.
 
 Bad input: `data.on_bad_line=error` stops at the first malformed line or duplicate id with file:line;
 `skip` skips and counts them. Non-UTF-8 bytes are replaced (and counted), empty documents skipped (and
-counted): see `counts` in run_dir/store/manifest.json and the summary printed at the end.
+counted): see `counts` in run_dir/store/manifest.json and the summary printed at the end. Refused before
+anything is written: a corpus without documents (or without any text), and a `data.window` the retriever
+cannot read whole (window + [CLS]/[SEP] + `retriever.passage_prefix` must fit `retriever.max_seq_length`
+and the encoder's positions). Temp folders left by a killed build (run_dir/.store.tmp-PID-*) are removed
+by the next one once process PID is gone.
 
 examples:
   python -m data_prep.build --config configs/default.yaml
@@ -26,6 +30,8 @@ examples:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import resource
@@ -34,13 +40,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.atomic import fingerprint
+from common.atomic import clean_leftovers, fingerprint
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
 from configs.schema import Config
 from data_prep.loaders import BadInput, LoadStats, Source, iter_documents, parse_source, read_qa
 from data_prep.records import QAExample, Segment
-from data_prep.segment import Segmenter, gold_positions, iter_segmented, normalize_for_match, resolve_workers
+from data_prep.segment import (
+    Segmenter,
+    check_window_fits_encoder,
+    encoder_positions,
+    gold_positions,
+    iter_segmented,
+    normalize_for_match,
+    resolve_workers,
+)
 from data_prep.split import split_of
 from data_prep.store import FORMAT_VERSION, MANIFEST_FILE, SegmentStore, StoreWriter, verify_qa
 
@@ -73,6 +87,45 @@ def resolve_sources(cfg: Config) -> tuple[Source, Source]:
         corpus_spec = str(corpus_path) if corpus_spec == "synthetic" else corpus_spec
         qa_spec = str(qa_path) if qa_spec == "synthetic" else qa_spec
     return parse_source(corpus_spec, "corpus"), parse_source(qa_spec, "qa")
+
+
+def _check_window(cfg: Config, segmenter: Segmenter) -> None:
+    """The retriever must read every segment whole: window + [CLS]/[SEP] + passage prefix within its limit.
+
+    The limit is retriever.max_seq_length, capped by the encoder's positions when its folder is on disk
+    (as the encoder's load caps it); `python -m retriever.index` checks again with the loaded encoder.
+    """
+    prefix = cfg.retriever.passage_prefix
+    prefix_tokens = len(segmenter.tok.encode(prefix, add_special_tokens=False).ids) if prefix else 0
+    limit, limit_from = cfg.retriever.max_seq_length, "retriever.max_seq_length"
+    positions = encoder_positions(cfg.retriever.model)
+    if positions is not None and positions < limit:
+        limit, limit_from = positions, f"the positions of encoder {cfg.retriever.model}"
+    check_window_fits_encoder(cfg.data.window, limit, prefix_tokens, limit_from=limit_from)
+
+
+@contextlib.contextmanager
+def _undo_new_folders(folder: Path):
+    """A refused build leaves no trace: the (empty) folders it created for the store are removed again."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield
+    except UserError:
+        for p in missing:  # deepest first; a folder something else wrote into stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _empty_corpus_message(src: Source, stats: LoadStats) -> str:
+    dropped = {k: v for k, v in stats.counts().items() if isinstance(v, int) and v}
+    why = f" ({', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))})" if dropped else ""
+    return (
+        f"the corpus {src.spec} has no documents{why}; nothing was written. Give data.corpus a file with "
+        'documents, e.g. a JSONL file of {"id", "title", "text"} objects, one a line'
+    )
 
 
 def _peak_rss_mb() -> dict[str, float]:
@@ -145,8 +198,12 @@ def build_store(cfg: Config, force: bool = False, progress: bool = True) -> Buil
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     store_dir = Path(cfg.run_dir) / "store"
+    removed = clean_leftovers(store_dir)  # also when this build turns out to be skipped
+    if removed:
+        log.info("removed %d temp folder(s) of a killed build: %s", len(removed), ", ".join(p.name for p in removed))
     corpus_src, qa_src = resolve_sources(cfg)
     segmenter = Segmenter.from_model(cfg.retriever.model, cfg.data.window, cfg.data.stride)
+    _check_window(cfg, segmenter)
     inputs = {
         "format_version": FORMAT_VERSION,
         "corpus": corpus_src.fingerprint(),
@@ -181,6 +238,12 @@ def build_store(cfg: Config, force: bool = False, progress: bool = True) -> Buil
         wanted = {ex.gold_doc_id for _, ex in qa_records if ex.gold_doc_id is not None}
         docs = iter_documents(corpus_src, cfg.data.on_bad_line, stats, cfg.data)
 
+    # Nothing is written for a corpus without documents: the first one is read before the store is opened.
+    first_doc = next(iter(docs), None)
+    if first_doc is None:
+        raise UserError(_empty_corpus_message(corpus_src, stats))
+    docs = itertools.chain([first_doc], docs)
+
     counts = {"zero_token_documents_skipped": 0, "long_titles": 0, "qa_gold_doc_missing": 0}
     doc_index: dict[str, tuple[str, int, int]] = {}  # gold doc id -> (title, first segment id, n segments)
     workers = resolve_workers(cfg.data.num_workers)
@@ -204,7 +267,7 @@ def build_store(cfg: Config, force: bool = False, progress: bool = True) -> Buil
         "stride_meaning": "overlap in tokens between consecutive windows; title tokens count inside window",
         "split_rule": inputs["split_rule"],
     }
-    with StoreWriter(store_dir, manifest_extra=manifest_extra) as writer:
+    with _undo_new_folders(store_dir.parent), StoreWriter(store_dir, manifest_extra=manifest_extra) as writer:
         seg_id = 0
         t_seg = time.perf_counter()  # segments/s covers reading + tokenizing + writing the corpus
         for doc, spans, title_len in iter_segmented(docs, segmenter, workers, cfg.data.chunk_docs):
@@ -225,6 +288,11 @@ def build_store(cfg: Config, force: bool = False, progress: bool = True) -> Buil
                 last_bytes = stats.bytes_read
         _advance(bar, use_bytes, stats, n_docs, seg_id, last_bytes)
         bar.close()
+        if seg_id == 0:  # raised inside the writer: its temp folder is deleted, the old store stays
+            raise UserError(
+                f"no document of the corpus {corpus_src.spec} has any text to segment ({n_docs} document(s), "
+                "all of only whitespace or control characters); nothing was written"
+            )
         seg_seconds = time.perf_counter() - t_seg
         view = writer.close_segments()
         t_qa = time.perf_counter()
@@ -241,8 +309,6 @@ def build_store(cfg: Config, force: bool = False, progress: bool = True) -> Buil
         }
         writer.manifest_extra["segments_per_second"] = round(seg_id / max(seg_seconds, 1e-9), 1)
         writer.manifest_extra["num_workers"] = workers
-    if seg_id == 0:
-        log.warning("the store is empty: no document of %s had any text", corpus_src.spec)
     return BuildResult(
         store_dir,
         False,

@@ -30,10 +30,39 @@ class Limits:
     max_upload_bytes: int
     max_files: int
     max_paste_chars: int
+    max_title_chars: int = 300
 
     @classmethod
     def from_app_config(cls, app) -> Limits:
-        return cls(int(app.max_upload_mb * 1024 * 1024), app.max_upload_files, app.max_paste_chars)
+        return cls(
+            int(app.max_upload_mb * 1024 * 1024), app.max_upload_files, app.max_paste_chars, app.max_title_chars
+        )
+
+
+# C0 and C1 control characters, DEL, and the Unicode line/paragraph separators, less the three that plain
+# text carries (\t \n \r): a NUL or an escape sequence in a document is a binary or a mangled file.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def check_text(value: str, what: str) -> None:
+    """Refuse control characters other than tab, newline and carriage return in a document's text or title."""
+    m = _CONTROL.search(value)
+    if m is not None:
+        line = value.count("\n", 0, m.start()) + 1
+        raise UserError(
+            f"{what} contains the control character U+{ord(m.group()):04X} (line {line}, character "
+            f"{m.start() + 1}); only text is accepted (tabs and newlines are fine): remove it, or save the "
+            "document as plain UTF-8 text"
+        )
+
+
+def check_title(title: str, what: str, limits: Limits) -> None:
+    if len(title) > limits.max_title_chars:
+        raise UserError(
+            f"{what} has {len(title):,} characters; the limit is {limits.max_title_chars:,} "
+            "(app.max_title_chars): give a shorter title"
+        )
+    check_text(title, what)
 
 
 def _digest(*parts: str) -> str:
@@ -52,6 +81,8 @@ def _title_from_text(text: str) -> str:
 
 def pasted_document(text: str | None, title: str | None, limits: Limits) -> Document:
     """A pasted text as one Document; its id is a hash of title + text, so pasting it twice is refused."""
+    if text is not None and not isinstance(text, str):
+        raise UserError("the document must be text")
     text = (text or "").strip()
     if not text:
         raise UserError("nothing to add: paste some text into the document box")
@@ -60,7 +91,13 @@ def pasted_document(text: str | None, title: str | None, limits: Limits) -> Docu
             f"the pasted text has {len(text):,} characters; the limit is {limits.max_paste_chars:,} "
             "(app.max_paste_chars): split it or upload it as a file"
         )
-    title = " ".join((title or "").split()) or _title_from_text(text)
+    check_text(text, "the pasted text")
+    if title is not None and not isinstance(title, str):
+        raise UserError("the title must be text")
+    check_text(title or "", "the title")  # before split(), which takes some control characters for spaces
+    title = " ".join((title or "").split())
+    check_title(title, "the title", limits)
+    title = title or _title_from_text(text)
     return Document(id=f"pasted-{_digest(title, text)}", title=title, text=text)
 
 
@@ -83,7 +120,7 @@ def _check_file(path: str, limits: Limits) -> tuple[Path, str]:
     return p, name
 
 
-def _text_document(path: Path, name: str) -> Document:
+def _text_document(path: Path, name: str, limits: Limits) -> Document:
     raw = path.read_bytes()
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8) :]
@@ -93,8 +130,10 @@ def _text_document(path: Path, name: str) -> Document:
         raise UserError(f"{name}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from e
     if not text:
         raise UserError(f"{name}: the file has no text")
+    check_text(text, name)
     title = _title_from_text(text) if path.suffix.lower() == ".md" else ""
     title = title or path.stem.replace("_", " ").strip() or name
+    check_title(title, f"{name}: the title", limits)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", path.stem).strip("-")[:40] or "file"
     return Document(id=f"upload-{slug}-{_digest(title, text)}", title=title, text=text)
 
@@ -107,7 +146,16 @@ def _doc_id(value) -> str | None:
     return None
 
 
-def _jsonl_documents(path: Path, name: str) -> list[Document]:
+def _text_problem(text: str, title: str | None, limits: Limits) -> str | None:
+    try:
+        check_text(text, '"text"')
+        check_title((title or "").strip(), '"title"', limits)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _jsonl_documents(path: Path, name: str, limits: Limits) -> list[Document]:
     """Every line of a corpus-format JSONL file; raises one UserError listing all bad lines."""
     problems: list[str] = []
 
@@ -125,6 +173,8 @@ def _jsonl_documents(path: Path, name: str) -> list[Document]:
             bad(where, f'document {doc_id!r}: "text" must be a non-empty string')
         elif title is not None and not isinstance(title, str):
             bad(where, f'document {doc_id!r}: "title" must be a string')
+        elif (problem := _text_problem(text, title, limits)) is not None:
+            bad(where, f"document {doc_id!r}: {problem}")
         elif doc_id in first_line:
             bad(where, f"duplicate document id {doc_id!r} (first at line {first_line[doc_id]})")
         else:
@@ -156,7 +206,7 @@ def uploaded_documents(paths: Sequence[str], limits: Limits) -> list[Document]:
     docs: list[Document] = []
     for path, name in checked:
         if path.suffix.lower() == ".jsonl":
-            docs.extend(_jsonl_documents(path, name))
+            docs.extend(_jsonl_documents(path, name, limits))
         else:
-            docs.append(_text_document(path, name))
+            docs.append(_text_document(path, name, limits))
     return docs

@@ -63,10 +63,13 @@ def check_app_config(app) -> None:
         "max_paste_chars",
         "max_upload_files",
         "max_question_chars",
+        "max_title_chars",
     ):
         value = getattr(app, key)
-        if value < (0 if key == "port" else 1):
-            raise UserError(f"app.{key} must be {'>= 0' if key == 'port' else '>= 1'}, got {value}")
+        if key == "port" and not 1 <= value <= 65535:
+            raise UserError(f"app.port must be a TCP port from 1 to 65535, got {value} (the default is 7860)")
+        if value < 1:
+            raise UserError(f"app.{key} must be >= 1, got {value}")
     if app.max_upload_mb <= 0:
         raise UserError(f"app.max_upload_mb must be > 0, got {app.max_upload_mb}")
 
@@ -285,7 +288,8 @@ class DemoService:
         self, text: str | None = None, title: str | None = "", paths: Sequence[str] = ()
     ) -> tuple[str, list]:
         """Add a pasted text and/or uploaded files in one go: every input is checked before anything is added."""
-        docs = [pasted_document(text, title, self.limits)] if (text or "").strip() else []
+        pasted = text is not None and (not isinstance(text, str) or text.strip())
+        docs = [pasted_document(text, title, self.limits)] if pasted else []
         if paths:
             docs += uploaded_documents(paths, self.limits)
         if not docs:

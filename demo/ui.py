@@ -229,9 +229,21 @@ def launch(
     if app.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("app.host=%s: the demo is reachable from the network, without authentication", app.host)
     blocks.queue(default_concurrency_limit=app.concurrency_limit, max_size=app.queue_size)
-    _, url, _ = blocks.launch(
+    port = app.port if port is None else port
+    try:
+        _, url, _ = _launch(blocks, app, port, block, quiet)
+    except OSError as e:  # the port is taken or the host is not an address of this machine
+        raise UserError(
+            f"cannot serve the demo on {app.host}:{port} ({e}); choose a free app.port (1-65535) "
+            "or another app.host"
+        ) from e
+    return url
+
+
+def _launch(blocks: gr.Blocks, app, port: int, block: bool, quiet: bool):
+    return blocks.launch(
         server_name=app.host,
-        server_port=app.port if port is None else port,
+        server_port=port,
         max_file_size=int(app.max_upload_mb * 1024 * 1024),  # enforced by the upload route, in bytes
         allowed_paths=None,  # serve nothing from disk beyond gradio's own upload cache
         share=False,
@@ -244,4 +256,3 @@ def launch(
         css=CSS,
         footer_links=["api"],
     )
-    return url

@@ -18,6 +18,18 @@ class TextSegment:
     text: str
 
 
+def check_question(question: str, max_chars: int, where: str = "") -> str:
+    """The question with its whitespace collapsed; a UserError (prefixed by `where`) if empty or too long."""
+    if not isinstance(question, str) or not question.strip():
+        raise UserError(f"{where}the question is empty")
+    if len(question) > max_chars:
+        raise UserError(
+            f"{where}the question has {len(question)} characters; the limit is {max_chars} "
+            "(lm.max_question_chars)"
+        )
+    return " ".join(question.split())
+
+
 class PromptTemplate:
     def __init__(self, tokenizer, system_prompt: str = "", max_question_chars: int = 1000):
         self.tokenizer = tokenizer
@@ -28,14 +40,7 @@ class PromptTemplate:
         self.answer_end = tokenizer.eos_token if self.use_chat else "\n"
 
     def check_question(self, question: str) -> str:
-        if not isinstance(question, str) or not question.strip():
-            raise UserError("the question is empty")
-        if len(question) > self.max_question_chars:
-            raise UserError(
-                f"the question has {len(question)} characters; the limit is {self.max_question_chars} "
-                "(lm.max_question_chars)"
-            )
-        return " ".join(question.split())
+        return check_question(question, self.max_question_chars)
 
     def _content(self, question: str, segments: Sequence[TextSegment]) -> str:
         question = self.check_question(question)

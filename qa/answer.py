@@ -19,6 +19,7 @@ from pathlib import Path
 from common.atomic import atomic_write_text
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
+from lm.prompting import check_question
 from qa.system import QASystem
 
 
@@ -37,7 +38,7 @@ def read_questions(path: Path) -> list[dict]:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
             raise UserError(f'{path}:{number}: expected an object with a "question" string')
-        rows.append({"id": str(row.get("id", number)), "question": row["question"]})
+        rows.append({"id": str(row.get("id", number)), "question": row["question"], "where": f"{path}:{number}"})
     if not rows:
         raise UserError(f"{path} holds no questions")
     return rows
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
         rows += read_questions(ns.file)
     if not rows:
         raise UserError('give questions as arguments (quoted) or --file questions.jsonl')
+    for row in rows:  # every question is checked before a model is loaded
+        where = f"{row['where']}: " if "where" in row else f"question {row['id']}: "
+        check_question(row["question"], cfg.lm.max_question_chars, where)
     qa = QASystem.from_config(cfg, systems=[cfg.qa.mode])
     predictions = qa.answer([r["question"] for r in rows], mode=cfg.qa.mode)
     out_rows = []

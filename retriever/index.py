@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
+from data_prep.segment import check_window_fits_encoder
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder
@@ -63,6 +64,21 @@ def index_embeddings(
     return index
 
 
+def check_store_fits_encoder(store: SegmentStore, encoder: Encoder, configured: int) -> None:
+    """Refuse to embed a store whose windows the encoder would cut (a UserError naming the limit)."""
+    window = store.manifest.get("window")
+    limit = getattr(encoder.model, "max_seq_length", None)
+    if not isinstance(window, int) or not limit:
+        return  # a store written without the builder's window (tests, toy stores)
+    prefix = encoder.passage_prefix
+    prefix_tokens = len(encoder.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    limit_from = "retriever.max_seq_length" if limit >= configured else f"the positions of encoder {encoder.info.name}"
+    check_window_fits_encoder(
+        window, limit, prefix_tokens, limit_from=limit_from, window_from=f"the window of {store.path}",
+        fix=" and rebuild the store (python -m data_prep.build)",
+    )
+
+
 def build_index(
     cfg,
     *,
@@ -78,6 +94,7 @@ def build_index(
     run_dir = Path(run_dir or cfg.run_dir)
     store = store or SegmentStore.open(run_dir / "store")
     encoder = encoder or Encoder.from_config(cfg)
+    check_store_fits_encoder(store, encoder, cfg.retriever.max_seq_length)
     t0 = time.perf_counter()
     emb_manifest = embed_store(
         store,
