@@ -39,7 +39,9 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
           positional: bool = False) -> tuple[Config, argparse.Namespace]:
     """Parse argv; positional `key=value` items are overrides. Any other positional item is an error,
     unless the command takes them (`positional=True`, e.g. qa.answer's questions): they stay in `ns.args`."""
-    ns = parser.parse_args(argv)
+    # Intermixed: `--force data.window=64` and `data.window=64 --force` both work (plain parse_args
+    # rejects a key=value that follows an option as an "unrecognized argument").
+    ns = parser.parse_intermixed_args(argv)
     overrides = [a for a in ns.args if _OVERRIDE.match(a)]
     ns.args = [a for a in ns.args if not _OVERRIDE.match(a)]
     if ns.args and not positional:

@@ -161,16 +161,21 @@ def iter_jsonl(path: Path, bad: BadInput, stats: LoadStats) -> Iterator[tuple[st
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
+            not_utf8 = ""
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 line = raw.decode("utf-8", errors="replace")
                 stats.non_utf8_lines += 1
                 stats.warn(f"{where}: bytes that are not UTF-8 (at byte {e.start}) were replaced by U+FFFD")
+                not_utf8 = f"; the line is not UTF-8 (invalid byte at {e.start})"
+                if lineno == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    not_utf8 = "; the file is UTF-16 (it starts with a UTF-16 byte-order mark)"
+                not_utf8 += ": save the file as UTF-8"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                bad(where, f"not valid JSON ({e.msg} at column {e.colno})")
+                bad(where, f"not valid JSON ({e.msg} at column {e.colno}){not_utf8}")
                 continue
             if not isinstance(obj, dict):
                 bad(where, f"expected a JSON object, got {type(obj).__name__}")

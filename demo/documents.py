@@ -101,6 +101,11 @@ def pasted_document(text: str | None, title: str | None, limits: Limits) -> Docu
     return Document(id=f"pasted-{_digest(title, text)}", title=title, text=text)
 
 
+def _size(n: int) -> str:
+    """Bytes as the limit is given (MiB), in KiB below one: `0.0 MB` said nothing about a 20 KB file."""
+    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KB"
+
+
 def _check_file(path: str, limits: Limits) -> tuple[Path, str]:
     p = Path(path)
     name = p.name
@@ -112,8 +117,8 @@ def _check_file(path: str, limits: Limits) -> tuple[Path, str]:
         raise UserError(f"{name}: the upload could not be read ({e.strerror})") from e
     if size > limits.max_upload_bytes:
         raise UserError(
-            f"{name}: {size / 1e6:.1f} MB is over the upload limit of "
-            f"{limits.max_upload_bytes / (1024 * 1024):g} MB (app.max_upload_mb)"
+            f"{name}: {_size(size)} is over the upload limit of {_size(limits.max_upload_bytes)} "
+            f"(app.max_upload_mb={limits.max_upload_bytes / (1024 * 1024):.3g})"
         )
     if size == 0:
         raise UserError(f"{name}: the file is empty")
