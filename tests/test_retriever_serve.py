@@ -1,0 +1,341 @@
+"""The retrieval service (`python -m retriever.serve`) on loopback over a tiny index: the same hits as the
+in-process Retriever, clear 4xx errors, live additions and removals, and the HTTP client Retriever that
+`retriever.service_url` puts behind qa.train, eval.run, qa.answer and app.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from common.errors import UserError
+from configs.loader import load_config
+from data_prep.store import segment_input_text
+from retriever import index as index_cli
+from retriever import serve as serve_cli
+from retriever.client import RemoteRetriever, ServiceError
+from retriever.encoder import Encoder
+from retriever.search import Retriever, open_retriever, tokenizer_backend
+from retriever.serve import check_serve_config, create_app, serve_in_thread
+from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
+
+EXTRA = "Quorn is a new country. The capital of Quorn is Zib. Quorn is led by Wub."
+LIMITS = ["serve.max_top_k=10", "serve.max_questions=4", "serve.max_body_mb=0.02", "serve.max_documents=3"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    docs, questions = toy_documents(30)
+    words = words_of([d.title + " " + d.text for d in docs] + [q for _, q, _ in questions] + [EXTRA])
+    make_tiny_encoder(root / "enc", words)
+    overrides = [
+        f"run_dir={root / 'run'}",
+        f"retriever.model={root / 'enc'}",
+        "index.shard_size=8",
+        "retriever.batch_size=8",
+        "device=cpu",
+        *LIMITS,
+    ]
+    cfg = load_config(None, overrides)
+    encoder = Encoder.from_config(cfg)
+    write_toy_store(root / "run" / "store", docs, questions, tokenizer_backend(encoder))
+    assert index_cli.main(overrides) == 0
+    return root, cfg, overrides, encoder, questions
+
+
+@pytest.fixture(scope="module")
+def served(built):
+    _, cfg, _, encoder, _ = built
+    server_side = Retriever.from_config(cfg, encoder=encoder)
+    with serve_in_thread(create_app(server_side, cfg.serve)) as url:
+        yield url, server_side
+
+
+@pytest.fixture()
+def url(served):
+    url, server_side = served
+    yield url
+    server_side.reset()  # every test starts from the built index
+
+
+@pytest.fixture(scope="module")
+def local(built):
+    _, cfg, _, encoder, _ = built
+    return Retriever.from_config(cfg, encoder=encoder)
+
+
+def call(url: str, path: str, payload=None, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (None if payload is None else json.dumps(payload).encode())
+    req = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def same_hits(got: list[dict], want) -> None:
+    assert [h["segment_id"] for h in got] == [h.segment_id for h in want]
+    assert [h["id"] for h in got] == [h.segment_id for h in want]
+    assert [h["doc_id"] for h in got] == [h.doc_id for h in want]
+    assert [(h["title"], h["text"]) for h in got] == [(h.title, h.text) for h in want]
+    np.testing.assert_allclose([h["score"] for h in got], [h.score for h in want], atol=1e-5)
+
+
+def test_search_and_batch_search_match_the_in_process_retriever(url, local, built):
+    questions = [q for _, q, _ in built[4]][:4]
+    for q in questions:
+        status, body = call(url, "/search", {"question": q, "top_k": 5})
+        assert status == 200
+        same_hits(body["hits"], local.search(q, 5))
+    status, body = call(url, "/batch_search", {"questions": questions, "top_k": 3})
+    assert status == 200 and len(body["hits"]) == 4
+    for got, want in zip(body["hits"], local.batch_search(questions, 3)):
+        same_hits(got, want)
+    # The segment's own text finds itself first, as in-process.
+    target = local.store.get(7)
+    assert call(url, "/search", {"question": segment_input_text(target), "top_k": 1})[1]["hits"][0]["id"] == 7
+
+
+def test_batch_search_with_raw_query_vectors_is_dense_search(url, local, built):
+    questions = [q for _, q, _ in built[4]][:3]
+    vectors = local.encoder.encode_queries(questions)
+    status, body = call(url, "/batch_search", {"vectors": vectors.tolist(), "top_k": 4})
+    assert status == 200
+    for got, want in zip(body["hits"], local.to_hits(*local.search_vectors(vectors, 4))):
+        same_hits(got, want)
+
+
+def test_health_stats_and_openapi(url, local):
+    assert call(url, "/health") == (200, {"status": "ok", "segments": 30})
+    status, stats = call(url, "/stats")
+    assert status == 200 and stats["segments"] == stats["built_segments"] == 30
+    assert stats["index"]["sha256"] == local.manifest["sha256"]
+    assert stats["encoder"]["fingerprint"] == local.encoder.fingerprint
+    assert stats["search_settings"] == local.search_settings and stats["live_changes"] == 0
+    assert stats["limits"]["max_top_k"] == 10 and stats["limits"]["max_questions"] == 4
+    status, spec = call(url, "/openapi.json")
+    assert status == 200 and {"/search", "/batch_search", "/add", "/remove", "/health", "/stats"} <= set(
+        spec["paths"]
+    )
+    with urllib.request.urlopen(url + "/docs", timeout=30) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "message"),
+    [
+        (
+            "/search",
+            {"question": "   ", "top_k": 3},
+            422,
+            "question: String should have at least 1 character",
+        ),
+        ("/search", {"question": "x" * 2001, "top_k": 3}, 422, "question: String should have at most 2000"),
+        (
+            "/search",
+            {"question": "Who leads Kalo?", "top_k": 0},
+            422,
+            "top_k: Input should be greater than or equal to 1",
+        ),
+        (
+            "/search",
+            {"question": "Who leads Kalo?", "top_k": 11},
+            422,
+            "top_k: Input should be less than or equal to 10",
+        ),
+        (
+            "/search",
+            {"question": "Who leads Kalo?", "top_k": "many"},
+            422,
+            "top_k: Input should be a valid integer",
+        ),
+        ("/search", {"top_k": 3}, 422, "question: Field required"),
+        (
+            "/batch_search",
+            {"questions": ["a?"] * 5, "top_k": 1},
+            422,
+            "questions: List should have at most 4 items",
+        ),
+        (
+            "/batch_search",
+            {"questions": ["ok?", ""], "top_k": 1},
+            422,
+            "questions.1: String should have at least 1",
+        ),
+        ("/batch_search", {"top_k": 1}, 422, "give either `questions` or `vectors`"),
+        (
+            "/batch_search",
+            {"questions": ["a?"], "vectors": [[0.0]], "top_k": 1},
+            422,
+            "either `questions` or",
+        ),
+        (
+            "/batch_search",
+            {"vectors": [[0.0, 1.0]], "top_k": 1},
+            422,
+            "vector 0 has 2 values; the encoder's dimension is 32",
+        ),
+        ("/add", {"documents": []}, 422, "documents: List should have at least 1 item"),
+        (
+            "/add",
+            {"documents": [{"id": "d", "text": "  "}]},
+            422,
+            "documents.0.text: String should have at least 1",
+        ),
+        ("/add", {"documents": [{"id": f"d{i}", "text": "t"} for i in range(4)]}, 422, "at most 3 items"),
+        (
+            "/add",
+            {"documents": [{"id": "doc3", "text": "Quorn."}]},
+            400,
+            "documents already in the index: ['doc3']",
+        ),
+        (
+            "/add",
+            {"documents": [{"id": "n", "text": "a"}, {"id": "n", "text": "b"}]},
+            400,
+            "repeated in one upload",
+        ),
+        ("/remove", {}, 422, "give `doc_ids` and/or `segment_ids`"),
+        ("/remove", {"doc_ids": ["nope"]}, 400, "no such documents in the index: ['nope']"),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(url, path, payload, status, message):
+    got, body = call(url, path, payload)
+    assert got == status, body
+    assert message in body["detail"]
+    assert call(url, "/health")[1]["segments"] == 30  # nothing was half added
+
+
+def test_malformed_json_and_a_body_over_the_limit(url):
+    status, body = call(url, "/search", raw=b"{not json")
+    assert status == 422 and "JSON" in body["detail"]
+    status, body = call(url, "/search", {"question": "x" * 30_000, "top_k": 1})
+    assert status == 413 and "serve.max_body_mb" in body["detail"]
+
+
+def test_add_search_remove_round_trip(url, local):
+    status, body = call(url, "/add", {"documents": [{"id": "quorn", "title": "Quorn", "text": EXTRA}]})
+    assert status == 200 and body["added"] == 1 and body["segments"] == 1
+    new_id = body["segment_ids"][0]
+    assert new_id >= 30 and body["total_segments"] == 31
+    hits = call(url, "/search", {"question": "Quorn. " + EXTRA, "top_k": 3})[1]["hits"]
+    assert hits[0]["doc_id"] == "quorn" and hits[0]["id"] == new_id and hits[0]["title"] == "Quorn"
+    stats = call(url, "/stats")[1]
+    assert stats["live_documents"] == ["quorn"] and stats["live_changes"] == 1
+    segs = call(url, "/segments", {"ids": [new_id, 0, 999]})[1]["segments"]
+    assert [s["segment_id"] for s in segs] == [new_id, 0] and segs[0]["text"] == EXTRA
+    # A built document too, by doc id, then a segment by id.
+    assert call(url, "/remove", {"doc_ids": ["quorn", "doc3"]}) == (200, {"removed": 2, "total_segments": 29})
+    assert call(url, "/remove", {"segment_ids": [5]}) == (200, {"removed": 1, "total_segments": 28})
+    found = {h["doc_id"] for h in call(url, "/search", {"question": EXTRA, "top_k": 10})[1]["hits"]}
+    assert "quorn" not in found and "doc3" not in found
+    assert call(url, "/reset", {})[1]["total_segments"] == 30
+
+
+def test_client_retriever_gives_the_same_hits(url, built, local):
+    _, cfg, overrides, _, questions = built
+    remote = open_retriever(load_config(None, [*overrides, f"retriever.service_url={url}"]))
+    assert isinstance(remote, RemoteRetriever) and len(remote) == 30 and len(remote.store) == 30
+    assert remote.manifest["sha256"] == local.manifest["sha256"]
+    assert remote.encoder.fingerprint == local.encoder.fingerprint and remote.encoder.dim == 32
+    assert remote.search_settings == local.search_settings
+    qs = [q for _, q, _ in questions][:6]  # more than serve.max_questions: sent in two requests
+    got, want = remote.batch_search(qs, 4), local.batch_search(qs, 4)
+    for g, w in zip(got, want):
+        assert [h.segment_id for h in g] == [h.segment_id for h in w]
+        assert [(h.doc_id, h.title, h.text) for h in g] == [(h.doc_id, h.title, h.text) for h in w]
+        np.testing.assert_allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
+    assert remote.search(qs[0], 2) == want[0][:2]  # Hit dataclasses compare equal field by field
+    vectors = local.encoder.encode_queries(qs[:2])
+    assert remote.batch_search_vectors(vectors, 3) == local.to_hits(*local.search_vectors(vectors, 3))
+    assert remote.segments([3, 999]) == {3: local.store.get(3)}
+    with pytest.raises(UserError, match="empty"):
+        remote.batch_search(["ok", " "], 1)
+    with pytest.raises(ServiceError, match=r"refused the request \(422\): top_k: Input should be less than"):
+        remote.search("Who leads Kalo?", 50)
+
+
+def test_client_live_changes_and_the_retrieval_cache_key(url, built):
+    from data_prep.records import Document
+    from qa.retrieval_cache import retrieval_fingerprint
+
+    remote = RemoteRetriever(url, timeout=30)
+    before = retrieval_fingerprint(remote, 3, ["q1"])
+    segs = remote.add_documents([Document("quorn", "Quorn", EXTRA)])
+    assert len(segs) == 1 and segs[0].doc_id == "quorn" and segs[0].text == EXTRA
+    assert remote.live_documents == ["quorn"] and remote.live_changes == 1 and len(remote) == 31
+    assert remote.search(EXTRA, 1)[0].doc_id == "quorn"
+    assert retrieval_fingerprint(remote, 3, ["q1"]) != before  # a cached top-k never outlives a live change
+    with pytest.raises(ServiceError, match="already in the index"):
+        remote.add_documents([{"id": "quorn", "text": "again"}])
+    assert remote.remove_documents(["quorn"]) == 1 and len(remote) == 30
+    remote.reset()
+    assert retrieval_fingerprint(remote, 3, ["q1"]) == before
+
+
+def test_client_errors_when_the_service_is_down_or_silent(built):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ServiceError, match=r"not reachable .*python -m retriever.serve"):
+        RemoteRetriever(f"http://127.0.0.1:{port}", timeout=5)
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        with pytest.raises(ServiceError, match=r"did not answer .*0.3 s \(retriever.service_timeout\)"):
+            RemoteRetriever(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+    with pytest.raises(UserError, match="must start with http"):
+        RemoteRetriever("127.0.0.1:8765")
+
+
+def test_open_retriever_refuses_another_store_and_a_local_encoder(url, built, tmp_path):
+    root, _, overrides, encoder, questions = built
+    docs, qs = toy_documents(5, seed=3)
+    write_toy_store(tmp_path / "store", docs, qs, tokenizer_backend(encoder))
+    other = load_config(None, [*overrides, f"retriever.service_url={url}", f"run_dir={tmp_path}"])
+    with pytest.raises(UserError, match="serves segment store .* point retriever.service_url"):
+        open_retriever(other)
+    cfg = load_config(None, [*overrides, f"retriever.service_url={url}"])
+    with pytest.raises(UserError, match="unset retriever.service_url"):
+        open_retriever(cfg, encoder=encoder)
+    # Without service_url: the in-process Retriever, as before.
+    assert isinstance(open_retriever(load_config(None, overrides), encoder=encoder), Retriever)
+
+
+def test_help_names_the_endpoints_and_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in (
+        "POST /search",
+        "/batch_search",
+        "/add",
+        "/remove",
+        "GET  /health",
+        "serve.host",
+        "serve.port",
+        "retriever.service_url",
+        "127.0.0.1",
+    ):
+        assert word in out
+
+
+def test_serve_config_is_checked(built):
+    cfg = load_config(None, ["serve.max_top_k=0"])
+    with pytest.raises(UserError, match="serve.max_top_k must be >= 1"):
+        check_serve_config(cfg.serve)
+    with pytest.raises(UserError, match="serve.port"):
+        check_serve_config(load_config(None, ["serve.port=70000"]).serve)
+    assert load_config(None, []).serve.host == "127.0.0.1"
+    with pytest.raises(UserError, match="drop the key"):
+        serve_cli.main(["retriever.service_url=http://127.0.0.1:1", f"run_dir={built[0] / 'run'}"])
