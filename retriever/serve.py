@@ -335,17 +335,37 @@ def create_app(retriever, serve):
     return app
 
 
+def bind_socket(host: str, port: int):
+    """A socket bound to host:port (port 0: any free one); a clear UserError when the address is taken."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror}); choose another serve.port (0 = any free port) "
+            "or stop what is using it"
+        ) from e
+    return sock
+
+
+def base_url(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 @contextlib.contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 30.0):
     """Run `app` with uvicorn in a daemon thread (tests, benchmarks); yields its base URL, stops on exit."""
-    import socket
     import threading
 
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_socket(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="retriever-serve", daemon=True
@@ -358,7 +378,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, startup_timeout
             raise RuntimeError("the retrieval service did not start")
         time.sleep(0.01)
     try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield base_url(sock)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -375,6 +395,7 @@ def main(argv=None) -> int:
 
     from retriever.search import Retriever
 
+    sock = bind_socket(cfg.serve.host, cfg.serve.port)  # before the slow part: a taken port fails at once
     t0 = time.perf_counter()
     retriever = Retriever.from_config(cfg)
     log.info(
@@ -384,8 +405,10 @@ def main(argv=None) -> int:
         time.perf_counter() - t0,
     )
     app = create_app(retriever, cfg.serve)
-    log.info("serving on http://%s:%d (OpenAPI page at /docs)", cfg.serve.host, cfg.serve.port)
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+    url = base_url(sock)
+    # One line on stdout that scripts can wait for (with serve.port=0 it is the only place the port shows).
+    print(f"retrieval service on {url} (OpenAPI page: {url}/docs)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     return 0
 
 

@@ -339,3 +339,70 @@ def test_serve_config_is_checked(built):
     assert load_config(None, []).serve.host == "127.0.0.1"
     with pytest.raises(UserError, match="drop the key"):
         serve_cli.main(["retriever.service_url=http://127.0.0.1:1", f"run_dir={built[0] / 'run'}"])
+
+
+def test_the_demo_adds_and_resets_documents_through_the_service(url, built):
+    """app.py with retriever.service_url: the demo's live documents go through /add and /reset."""
+    from types import SimpleNamespace
+
+    from demo.service import DemoService
+
+    cfg = load_config(None, [*built[2], f"retriever.service_url={url}"])
+    remote = open_retriever(cfg)
+    qa = SimpleNamespace(retriever=remote, available_modes=lambda: ["closed_book", "rag_text"])
+    demo = DemoService(cfg, qa)
+    message, segments = demo.add_text(EXTRA, "Quorn")
+    assert "Added 1 document(s), 1 segment(s)" in message and "(31 segments)" in message
+    assert segments[0].segment_id >= 30 and segments[0].title == "Quorn"
+    status = demo.status()
+    assert status["segments"] == 31 and status["live_titles"] == {segments[0].doc_id: "Quorn"}
+    hits = remote.search(EXTRA, 2)
+    assert hits[0].segment_id == segments[0].segment_id
+    assert demo._reading_hits(hits)[0].segment_id is None  # live segments are read by their text
+    with pytest.raises(UserError, match="already in the index"):
+        demo.add_text(EXTRA, "Quorn")
+    assert "1 added document(s) removed" in demo.reset() and len(remote) == 30
+
+
+def test_the_command_serves_on_a_free_port_and_stops(built):
+    """`python -m retriever.serve … serve.port=0` prints its URL, answers, and stops on SIGTERM."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retriever.serve", *built[2], "serve.port=0"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("retrieval service on http://127.0.0.1:"), line
+        url = line.split()[3]
+        for _ in range(100):  # the socket is bound before the line; uvicorn answers a moment later
+            try:
+                assert call(url, "/health") == (200, {"status": "ok", "segments": 30})
+                break
+            except urllib.error.URLError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the service did not answer")
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM).
+        assert proc.wait(timeout=30) in (0, -15)
+
+
+def test_a_taken_port_is_a_clear_error(built):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ .*serve.port"):
+            serve_cli.main([*built[2], f"serve.port={taken.getsockname()[1]}"])
