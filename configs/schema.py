@@ -383,6 +383,8 @@ class ServeConfig:
     max_question_chars: int = opt(2000, "longest question accepted")
     max_documents: int = opt(100, "documents per /add request")
     max_body_mb: float = opt(8.0, "largest request body in MB (larger ones get 413)")
+    coalesce: bool = opt(True, "search the questions of concurrent requests together (one encoder call for all "
+                         "that wait while the encoder is busy; none waits longer); false = one call per request")
 
 
 @dataclass

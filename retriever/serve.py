@@ -15,7 +15,7 @@ to the network without authentication, and anyone who reaches it can add and rem
     GET  /stats         index, encoder, store, search settings, live changes, limits
     GET  /docs          the OpenAPI page (schema at /openapi.json)
 
-A hit is {"id", "segment_id", "doc_id", "title", "text", "score"} (`id` is the segment id, the index's
+`top_k` may be left out (retriever.top_k). A hit is {"id", "segment_id", "doc_id", "title", "text", "score"} (`id` is the segment id, the index's
 id; higher scores are better), exactly what `Retriever.search` returns in-process. Additions and
 removals go through the Retriever's live-change path (the demo's "Add documents"): segmented, embedded
 and indexed under one lock, all documents of a request or none, persisted in run_dir/live/.
@@ -121,7 +121,86 @@ def hit_dict(hit) -> dict:
     }
 
 
-def create_app(retriever, serve):
+class SearchBatcher:
+    """Questions of concurrent requests, searched together: one `retriever.batch_search` per top_k.
+
+    One worker thread takes every request waiting when it is free (up to `max_questions` questions), so a
+    lone request waits for nothing and a crowd shares encoder calls; it is also the only thread that
+    encodes questions (a fast tokenizer is not meant to be used by several threads at once). A batch the
+    retriever refuses is retried request by request, so one bad request fails alone.
+    """
+
+    def __init__(self, retriever, max_questions: int):
+        import queue
+        import threading
+
+        self.retriever = retriever
+        self.max_questions = max_questions
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="retriever-search", daemon=True)
+        self._thread.start()
+        self.batches = 0  # encoder calls made (for /stats)
+        self.questions = 0
+
+    def search(self, questions: list[str], k: int) -> list:
+        from concurrent.futures import Future
+
+        if not self._thread.is_alive():
+            raise RuntimeError("the search worker has stopped")
+        future: Future = Future()
+        self._queue.put((list(questions), k, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            items, n, stop = [item], len(item[0]), False
+            while n < self.max_questions:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+                n += len(nxt[0])
+            by_k: dict[int, list] = {}
+            for it in items:
+                by_k.setdefault(it[1], []).append(it)
+            for k, group in by_k.items():
+                self._answer(k, group)
+            if stop:
+                return
+
+    def _answer(self, k: int, group: list) -> None:
+        questions = [q for qs, _, _ in group for q in qs]
+        try:
+            hits = self.retriever.batch_search(questions, k)
+        except Exception as e:
+            if len(group) == 1:
+                group[0][2].set_exception(e)
+            else:
+                for it in group:
+                    self._answer(k, [it])
+            return
+        self.batches += 1
+        self.questions += len(questions)
+        start = 0
+        for qs, _, future in group:
+            future.set_result(hits[start : start + len(qs)])
+            start += len(qs)
+
+
+def create_app(retriever, serve, default_top_k: int = 5):
     """The FastAPI app over an open Retriever, with the limits of `serve` (a ServeConfig)."""
     from typing import Annotated
 
@@ -149,7 +228,7 @@ def create_app(retriever, serve):
 
     class SearchIn(BaseModel):
         question: Question
-        top_k: TopK = 5
+        top_k: TopK = default_top_k
 
     class SearchOut(BaseModel):
         hits: list[HitOut]
@@ -161,7 +240,7 @@ def create_app(retriever, serve):
             max_length=serve.max_questions,
             description=f"raw query embeddings ({dim} floats each), dense only",
         )
-        top_k: TopK = 5
+        top_k: TopK = default_top_k
 
         @model_validator(mode="after")
         def one_kind(self):
@@ -216,7 +295,19 @@ def create_app(retriever, serve):
     class SegmentsIn(BaseModel):
         ids: list[int] = Field(max_length=max(serve.max_questions * serve.max_top_k, 1000))
 
+    batcher = SearchBatcher(retriever, serve.max_questions) if serve.coalesce else None
+
+    def find(questions: list[str], k: int) -> list:
+        return batcher.search(questions, k) if batcher else retriever.batch_search(questions, k)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if batcher is not None:
+            batcher.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="prefixrag retrieval service",
         description=(__doc__ or "").split("\n\n")[0]
         + "\n\nQuestions → top-k segments of run_dir's index; live additions and removals.",
@@ -247,7 +338,7 @@ def create_app(retriever, serve):
 
     @app.post("/search", response_model=SearchOut, summary="top-k segments for one question")
     def search(req: SearchIn):
-        return {"hits": [hit_dict(h) for h in retriever.search(req.question, req.top_k)]}
+        return {"hits": [hit_dict(h) for h in find([req.question], req.top_k)[0]]}
 
     @app.post(
         "/batch_search",
@@ -263,7 +354,7 @@ def create_app(retriever, serve):
             vectors = np.asarray(req.vectors, dtype=np.float32)
             hits = retriever.to_hits(*retriever.search_vectors(vectors, req.top_k))
         else:
-            hits = retriever.batch_search(req.questions, req.top_k)
+            hits = find(req.questions, req.top_k) if req.questions else []
         return {"hits": [[hit_dict(h) for h in row] for row in hits]}
 
     @app.post("/add", response_model=AddOut, summary="segment, embed and index new documents (all or none)")
@@ -327,6 +418,9 @@ def create_app(retriever, serve):
                 "max_documents": serve.max_documents,
                 "max_body_bytes": int(serve.max_body_mb * 1024 * 1024),
             },
+            "coalesce": {"encoder_calls": batcher.batches, "questions": batcher.questions}
+            if batcher
+            else None,
             "uptime_s": round(time.time() - started, 1),
             **counts,
         }
@@ -404,7 +498,7 @@ def main(argv=None) -> int:
         len(retriever),
         time.perf_counter() - t0,
     )
-    app = create_app(retriever, cfg.serve)
+    app = create_app(retriever, cfg.serve, default_top_k=min(cfg.retriever.top_k, cfg.serve.max_top_k))
     url = base_url(sock)
     # One line on stdout that scripts can wait for (with serve.port=0 it is the only place the port shows).
     print(f"retrieval service on {url} (OpenAPI page: {url}/docs)", flush=True)

@@ -406,3 +406,63 @@ def test_a_taken_port_is_a_clear_error(built):
         taken.listen(1)
         with pytest.raises(UserError, match=r"cannot listen on 127.0.0.1:\d+ .*serve.port"):
             serve_cli.main([*built[2], f"serve.port={taken.getsockname()[1]}"])
+
+
+def test_concurrent_requests_get_their_own_hits(url, local, built):
+    """Questions of concurrent requests are searched together (serve.coalesce), each gets its own hits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [q for _, q, _ in built[4]][:12]
+    before = call(url, "/stats")[1]["coalesce"]
+
+    def ask(i):
+        q, k = questions[i % len(questions)], 1 + i % 4
+        return q, k, call(url, "/search", {"question": q, "top_k": k})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, range(40)))
+    for q, k, (status, body) in results:
+        assert status == 200
+        same_hits(body["hits"], local.search(q, k))
+    after = call(url, "/stats")[1]["coalesce"]
+    assert after["questions"] - before["questions"] == 40
+    assert after["encoder_calls"] - before["encoder_calls"] <= 40
+
+
+def test_search_batcher_coalesces_waiting_requests_and_fails_a_bad_one_alone():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retriever.serve import SearchBatcher
+
+    release, calls = threading.Event(), []
+
+    class Fake:
+        def batch_search(self, questions, k):
+            calls.append((list(questions), k))
+            if questions == ["first"]:
+                release.wait(10)  # hold the worker while the others queue up
+            if "bad" in questions:
+                raise UserError("bad question")
+            return [[f"{q}@{k}"] for q in questions]
+
+    batcher = SearchBatcher(Fake(), max_questions=10)
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(batcher.search, ["first"], 1)
+        while not calls:
+            threading.Event().wait(0.01)
+        others = [
+            pool.submit(batcher.search, qs, k)
+            for qs, k in ([["a", "b"], 2], [["c"], 2], [["bad"], 2], [["d"], 3])
+        ]
+        while batcher._queue.qsize() < 4:
+            threading.Event().wait(0.01)
+        release.set()
+        assert first.result() == [["first@1"]]
+        assert others[0].result() == [["a@2"], ["b@2"]] and others[1].result() == [["c@2"]]
+        with pytest.raises(UserError, match="bad question"):
+            others[2].result()
+        assert others[3].result() == [["d@3"]]
+    # One call for the first, one for the three waiting top_k=2 requests (refused), each alone again, one for k=3.
+    assert calls[1] == (["a", "b", "c", "bad"], 2) and (["d"], 3) in calls and len(calls) == 6
+    batcher.close()
