@@ -446,6 +446,13 @@ def open_retriever(cfg, encoder: Encoder | None = None):
                 f"the retrieval service at {remote.url} serves segment store {served}, but {store_dir} is {local}: "
                 "point retriever.service_url at a service over this run_dir, or run_dir at the service's"
             )
+    if cfg.retriever.hybrid.enabled != ("hybrid" in remote.search_settings):
+        log.warning(
+            "retriever.hybrid.enabled=%s here, but the retrieval service searches %s: the service's settings "
+            "(index.nprobe, retriever.hybrid.*) are the ones used",
+            cfg.retriever.hybrid.enabled,
+            "with BM25 fusion" if "hybrid" in remote.search_settings else "dense only",
+        )
     if remote.encoder.info.name != cfg.retriever.model:
         log.warning(
             "the retrieval service encodes with %s, the config says retriever.model=%s",

@@ -248,6 +248,10 @@ def test_client_retriever_gives_the_same_hits(url, built, local):
     assert remote.manifest["sha256"] == local.manifest["sha256"]
     assert remote.encoder.fingerprint == local.encoder.fingerprint and remote.encoder.dim == 32
     assert remote.search_settings == local.search_settings
+    from qa.retrieval_cache import retrieval_fingerprint
+
+    # qa.train's cached top-k is the same file whether it searched in-process or through the service.
+    assert retrieval_fingerprint(remote, 5, ["q1"]) == retrieval_fingerprint(local, 5, ["q1"])
     qs = [q for _, q, _ in questions][:6]  # more than serve.max_questions: sent in two requests
     got, want = remote.batch_search(qs, 4), local.batch_search(qs, 4)
     for g, w in zip(got, want):
@@ -491,3 +495,23 @@ def test_the_listening_socket_is_tcp_with_nodelay():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         sock.close()
+
+
+def test_hybrid_search_through_the_service(built, caplog):
+    """The service searches with its own retriever.hybrid settings; a client configured otherwise is told."""
+    import logging
+
+    _, _, overrides, encoder, questions = built
+    hybrid_cfg = load_config(
+        None, [*overrides, "retriever.hybrid.enabled=true", "retriever.hybrid.weight=0.5"]
+    )
+    hybrid = Retriever.from_config(hybrid_cfg, encoder=encoder)
+    qs = [q for _, q, _ in questions][:4]
+    with serve_in_thread(create_app(hybrid, hybrid_cfg.serve)) as url:
+        with caplog.at_level(logging.WARNING, logger="retriever.search"):
+            remote = open_retriever(load_config(None, [*overrides, f"retriever.service_url={url}"]))
+        assert "the retrieval service searches with BM25 fusion" in caplog.text
+        assert remote.search_settings == hybrid.search_settings and "hybrid" in remote.search_settings
+        for got, want in zip(remote.batch_search(qs, 3), hybrid.batch_search(qs, 3)):
+            assert [h.segment_id for h in got] == [h.segment_id for h in want]
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
