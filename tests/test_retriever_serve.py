@@ -515,3 +515,17 @@ def test_hybrid_search_through_the_service(built, caplog):
         for got, want in zip(remote.batch_search(qs, 3), hybrid.batch_search(qs, 3)):
             assert [h.segment_id for h in got] == [h.segment_id for h in want]
             np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+
+
+def test_qa_system_answers_with_hits_from_the_service(url, built, local, tiny_llama, smol_tokenizer):
+    """qa.answer / app.py / eval.run build their QASystem with open_retriever: with retriever.service_url
+    the rag_text prompt reads the service's hits, the same as in-process."""
+    from qa.system import QASystem
+
+    cfg = load_config(None, [*built[2], f"retriever.service_url={url}", "lm.max_new_tokens=2"])
+    qa = QASystem.from_config(cfg, systems=["rag_text"], lm=tiny_llama, tokenizer=smol_tokenizer)
+    assert isinstance(qa.retriever, RemoteRetriever)
+    question = built[4][0][1]
+    pred = qa.answer([question], mode="rag_text", top_k=2)[0]
+    assert [h.segment_id for h in pred.retrieved] == [h.segment_id for h in local.search(question, 2)]
+    assert isinstance(pred.prediction, str)
