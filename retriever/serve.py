@@ -15,10 +15,15 @@ to the network without authentication, and anyone who reaches it can add and rem
     GET  /stats         index, encoder, store, search settings, live changes, limits
     GET  /docs          the OpenAPI page (schema at /openapi.json)
 
-`top_k` may be left out (retriever.top_k). A hit is {"id", "segment_id", "doc_id", "title", "text", "score"} (`id` is the segment id, the index's
-id; higher scores are better), exactly what `Retriever.search` returns in-process. Additions and
-removals go through the Retriever's live-change path (the demo's "Add documents"): segmented, embedded
-and indexed under one lock, all documents of a request or none, persisted in run_dir/live/.
+A hit is {"id", "segment_id", "doc_id", "title", "text", "score"} (`id` is the segment id, the index's id;
+higher scores are better), exactly what `Retriever.search` returns in-process; `top_k` may be left out
+(retriever.top_k). The service's own index.nprobe and retriever.hybrid.* decide the ranking. Questions of
+concurrent requests are encoded together (serve.coalesce). Additions and removals go through the
+Retriever's live-change path (the demo's "Add documents"): segmented, embedded and indexed under one
+lock, all documents of a request or none, persisted in run_dir/live/.
+
+The first line on stdout is the service's URL (serve.port=0 takes any free port); stop it with Ctrl-C or
+SIGTERM. A load check: `python -m bench.service_load --url URL`.
 
 Limits (serve.*): top_k from 1 to serve.max_top_k, at most serve.max_questions questions per batch,
 serve.max_question_chars per question, serve.max_documents per /add, serve.max_body_mb per request body.

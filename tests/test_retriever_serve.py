@@ -220,6 +220,19 @@ def test_malformed_json_and_a_body_over_the_limit(url):
     assert status == 422 and "JSON" in body["detail"]
     status, body = call(url, "/search", {"question": "x" * 30_000, "top_k": 1})
     assert status == 413 and "serve.max_body_mb" in body["detail"]
+    # Chunked, without a Content-Length: counted as it arrives.
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    chunks = (b'{"question": "' + b"y" * 5000 if i == 0 else b"y" * 5000 for i in range(6))
+    conn.request(
+        "POST", "/search", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True
+    )
+    resp = conn.getresponse()
+    assert resp.status == 413 and "serve.max_body_mb" in json.loads(resp.read())["detail"]
+    conn.close()
 
 
 def test_add_search_remove_round_trip(url, local):
