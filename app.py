@@ -7,7 +7,9 @@ rag_text, dynamic_prefix, combine, and every other system of the checkpoint) and
 run_dir/live/ across restarts, answerable at once); "Reset" returns to the built index.
 
 Needs `run_dir/store` and `run_dir/index` (python -m data_prep.build, python -m retriever.index) and,
-for the trained modes, a checkpoint (qa.checkpoint, default run_dir/checkpoints/final). Binds to
+for the trained modes, a checkpoint (qa.checkpoint, default run_dir/checkpoints/final); with
+retriever.service_url=http://HOST:PORT it searches, and adds documents, through a running
+`python -m retriever.serve` instead of opening the index itself. Binds to
 app.host:app.port (127.0.0.1:7860; app.host=0.0.0.0 exposes it to the network, without
 authentication). Scripts call it with gradio_client:
 

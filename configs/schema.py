@@ -136,6 +136,10 @@ class RetrieverConfig:
     passage_prefix: str = opt("", "text prepended to segments (e.g. `passage: ` for e5)")
     dtype: str = opt("auto", "encoder dtype: auto (fp16 on GPU, fp32 on CPU), float32, bfloat16, float16",
                      choices=("auto", "float32", "bfloat16", "float16"))
+    service_url: str | None = opt(None, "a running `python -m retriever.serve` (e.g. http://127.0.0.1:8765): qa.train, "
+                                  "eval.run, qa.answer and app.py search through it instead of opening run_dir/index "
+                                  "themselves (null = in-process)")
+    service_timeout: float = opt(60.0, "seconds the retrieval-service client waits for one response")
     finetune: RetrieverFinetuneConfig = field(default_factory=RetrieverFinetuneConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
 
@@ -371,6 +375,20 @@ class AppConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = opt("127.0.0.1", "address the retrieval service binds to (0.0.0.0 exposes it to the network, "
+                    "without authentication: anyone who reaches it can add and remove documents)")
+    port: int = opt(8765, "port of the retrieval service (0 = any free port, printed at start)")
+    max_top_k: int = opt(100, "largest top_k a request may ask for")
+    max_questions: int = opt(256, "questions (or query vectors) per /batch_search request")
+    max_question_chars: int = opt(2000, "longest question accepted")
+    max_documents: int = opt(100, "documents per /add request")
+    max_body_mb: float = opt(8.0, "largest request body in MB (larger ones get 413)")
+    coalesce: bool = opt(True, "search the questions of concurrent requests together (one encoder call for all "
+                         "that wait while the encoder is busy; none waits longer); false = one call per request")
+
+
+@dataclass
 class BenchConfig:
     n_vectors: int = opt(1_000_000, "synthetic vectors of the retrieval-at-scale benchmark")
     n_queries: int = opt(1000, "held-out queries of the retrieval benchmark")
@@ -429,4 +447,5 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

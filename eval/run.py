@@ -82,9 +82,9 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
 
     retriever = None
     if any(s.kind.retrieves for s in systems):
-        from retriever.search import Retriever
+        from retriever.search import open_retriever
 
-        retriever = Retriever.from_config(cfg)
+        retriever = open_retriever(cfg)
     from transformers import AutoConfig
 
     lm_config = AutoConfig.from_pretrained(resolve_lm_path(cfg.lm.model, cfg.cache_dir))

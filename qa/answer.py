@@ -7,7 +7,8 @@
 Questions come as arguments or from a JSONL file of `{"id"?, "question"}` rows (no gold answers needed).
 The mode is `qa.mode` (closed_book and rag_text need no checkpoint); the checkpoint is `qa.checkpoint`, else
 run_dir/checkpoints/final when a run trained one, else the shipped model (models/smollm2-135m-squad, for the
-embedded LM only); retrieval uses run_dir's index and `retriever.model`.
+embedded LM only); retrieval uses run_dir's index and `retriever.model`, or a running retrieval service
+with `retriever.service_url=http://HOST:PORT` (`python -m retriever.serve`).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def retrieval_fingerprint(retriever, k: int, question_ids: Sequence[str]) -> str
         **retriever.search_settings,
         "k": k,
         "questions": fingerprint(list(question_ids)),
-        "live": len(getattr(retriever, "_live_segments", {})) + len(getattr(retriever, "_removed", ())),
+        "live": getattr(retriever, "live_changes", 0),
     })
 
 

@@ -107,9 +107,9 @@ class QASystem:
         if lm is None:
             lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, cfg.device, cfg.lm.dtype)
         if retriever is None and any(s.kind.retrieves for s in names):
-            from retriever.search import Retriever
+            from retriever.search import open_retriever
 
-            retriever = Retriever.from_config(cfg)
+            retriever = open_retriever(cfg)
         trained = [s for s in names if s.trainable]
         models, model_names = {}, {}
         if trained:

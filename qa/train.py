@@ -174,11 +174,11 @@ class Trainer:
         train_hits, dev_hits = {}, {}
         if needs_retrieval:
             from retriever.encoder import Encoder
-            from retriever.search import Retriever
+            from retriever.search import open_retriever
 
             # The joint retriever trains this encoder in place (after the cached top-k below), in float32.
             encoder = Encoder.from_config(cfg, dtype="float32") if cfg.train.joint_retriever else None
-            self.retriever = Retriever.from_config(cfg, encoder=encoder)
+            self.retriever = open_retriever(cfg, encoder=encoder)
             cache_dir = self.run_dir / "cache"
             if cfg.train.train_segments_only and k > 1:
                 # Retrieve deeper, then keep the train articles' segments: no test article is read in training.

@@ -1,6 +1,6 @@
 """The retriever: questions → top-k segments (`Hit`s) from `run_dir/index` + `run_dir/store`.
 
-    retriever = Retriever.from_config(cfg)
+    retriever = Retriever.from_config(cfg)         # or open_retriever(cfg): this, or the service's client
     retriever.search("Who founded X?", k=5) -> list[Hit]
     retriever.batch_search(questions, k) -> list[list[Hit]]
 
@@ -329,6 +329,11 @@ class Retriever:
             self._reset_live_state()
 
     @property
+    def live_changes(self) -> int:
+        """Live segments added plus built segments removed (0 = the built index as it is)."""
+        return len(self._live_segments) + len(self._removed)
+
+    @property
     def live_documents(self) -> list[str]:
         """Ids of the documents added live (in order of addition)."""
         return list(dict.fromkeys(s.doc_id for s in self._live_segments.values()))
@@ -412,6 +417,50 @@ class Retriever:
         self._removed = {int(i) for i in removed}
         self._next_id = max(self._next_id, int(manifest.get("next_id", 0)))
         log.info("replayed live changes: %d added segments, %d removed", len(segments), len(removed))
+
+
+def open_retriever(cfg, encoder: Encoder | None = None):
+    """The retriever every command uses (qa.train, eval.run, qa.answer, app.py): in-process over
+    `run_dir/index` + `run_dir/store`, or, with `retriever.service_url`, a `retriever.client.RemoteRetriever`
+    of a running `python -m retriever.serve` (same `search`/`batch_search`, same Hits).
+
+    A service whose segment store is not run_dir's (when run_dir has one) is refused: segment ids would
+    point at other segments. `encoder` (a local one, e.g. the joint retriever's) needs in-process search.
+    """
+    if not cfg.retriever.service_url:
+        return Retriever.from_config(cfg, encoder=encoder)
+    from retriever.client import RemoteRetriever
+
+    if encoder is not None:
+        raise UserError(
+            "this run needs the retriever's encoder in process (train.joint_retriever=true trains it): "
+            "unset retriever.service_url"
+        )
+    remote = RemoteRetriever.from_config(cfg)
+    store_dir = Path(cfg.run_dir) / "store"
+    if (store_dir / "manifest.json").is_file():
+        local = SegmentStore.open(store_dir).fingerprint
+        served = remote.manifest.get("store_fingerprint")
+        if served != local:
+            raise UserError(
+                f"the retrieval service at {remote.url} serves segment store {served}, but {store_dir} is {local}: "
+                "point retriever.service_url at a service over this run_dir, or run_dir at the service's"
+            )
+    if cfg.retriever.hybrid.enabled != ("hybrid" in remote.search_settings):
+        log.warning(
+            "retriever.hybrid.enabled=%s here, but the retrieval service searches %s: the service's settings "
+            "(index.nprobe, retriever.hybrid.*) are the ones used",
+            cfg.retriever.hybrid.enabled,
+            "with BM25 fusion" if "hybrid" in remote.search_settings else "dense only",
+        )
+    if remote.encoder.info.name != cfg.retriever.model:
+        log.warning(
+            "the retrieval service encodes with %s, the config says retriever.model=%s",
+            remote.encoder.info.name,
+            cfg.retriever.model,
+        )
+    log.info("searching through the retrieval service at %s (%d segments)", remote.url, len(remote))
+    return remote
 
 
 def _as_document(doc: Document | dict, position: int) -> Document:
