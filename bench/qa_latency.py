@@ -365,7 +365,8 @@ def run(cfg, progress: bool = True) -> dict:
             }
             for s in dynamic
         },
-        "weights": "freshly initialised (untrained) knowledge encoders: latency depends on shapes only",
+        "weights": (f"trained knowledge encoders read from {b.qa_checkpoint}" if b.qa_checkpoint
+                    else "freshly initialised (untrained) knowledge encoders: latency depends on shapes only"),
         "prefix_store": store_report,
         "lm": cfg.lm.model,
         "torch_threads": torch.get_num_threads(),

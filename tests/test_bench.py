@@ -250,7 +250,9 @@ def test_qa_latency_section_forces_equal_answers_and_reuses_the_prefix_store(tin
     assert r["goal_k"] == 2 and r["met"] is False  # the goal is judged at k = 5 only
     t = r["retrieval"]
     assert t["configured"] == "dense" and t["dense_ms_per_question"] > 0 and t["hybrid_over_dense"] > 0
-    assert r["retrieve_ms_per_question"] == round(t["dense_ms_per_question"], 1)
+    # One measurement rounded twice (to 0.1 and to 0.01 ms): equal within the coarser rounding. Regression:
+    # 208.6499 -> 208.6 but 208.65 -> 208.7 failed an exact comparison.
+    assert abs(r["retrieve_ms_per_question"] - t["dense_ms_per_question"]) <= 0.05 + 1e-9
     assert "hybrid / dense" in qa_latency.to_markdown(r)
     again = qa_latency.run(tiny, progress=False)
     assert again["prefix_store"]["precompute"]["dynamic_prefix"].get("skipped") is True
