@@ -116,3 +116,27 @@ def write_toy_store(
         gold = [segs[p].segment_id for p in gold_positions([s.text for s in segs], [answer])]
         qa.append(QAExample(f"q{j}", question, [answer], doc_id, doc.title, gold, split))
     return write_store(store_dir, segments, qa, manifest_extra={"source": "retriever.testing"})
+
+
+def build_toy_index(root: Path, extra_texts: tuple[str, ...] = (), overrides: tuple[str, ...] = (), n_docs: int = 30):
+    """A tiny encoder (root/enc), a toy store and its index (root/run) through `python -m retriever.index`.
+
+    The encoder's vocabulary covers the toy documents, their questions and `extra_texts`. Returns
+    (cfg, overrides, encoder, docs, questions); `overrides` are the config overrides that open the run.
+    """
+    from configs.loader import load_config
+    from retriever import index as index_cli
+    from retriever.encoder import Encoder
+    from retriever.search import tokenizer_backend
+
+    docs, questions = toy_documents(n_docs)
+    words = words_of([d.title + " " + d.text for d in docs] + [q for _, q, _ in questions] + list(extra_texts))
+    make_tiny_encoder(root / "enc", words)
+    args = [f"run_dir={root / 'run'}", f"retriever.model={root / 'enc'}", "index.shard_size=8",
+            "retriever.batch_size=8", "device=cpu", *overrides]
+    cfg = load_config(None, args)
+    encoder = Encoder.from_config(cfg)
+    write_toy_store(root / "run" / "store", docs, questions, tokenizer_backend(encoder))
+    if index_cli.main(args) != 0:
+        raise RuntimeError("python -m retriever.index failed on the toy store")
+    return cfg, args, encoder, docs, questions

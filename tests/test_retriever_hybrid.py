@@ -15,12 +15,10 @@ from common.errors import UserError
 from configs.loader import load_config
 from data_prep.store import SegmentStore, segment_input_text
 from qa.retrieval_cache import retrieval_fingerprint
-from retriever import index as index_cli
 from retriever.bm25 import BM25Index, open_store_bm25, tokenize, top_k_rows
-from retriever.encoder import Encoder
 from retriever.hybrid import fuse
-from retriever.search import Retriever, tokenizer_backend
-from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
+from retriever.search import Retriever
+from retriever.testing import build_toy_index
 
 DOCS = [
     "the cat sat on the mat",
@@ -140,20 +138,7 @@ def test_fuse_rejects_bad_weight_and_method():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("hybrid")
-    docs, questions = toy_documents(30)
-    words = words_of([d.title + " " + d.text for d in docs] + [q for _, q, _ in questions])
-    make_tiny_encoder(root / "enc", words)
-    overrides = [
-        f"run_dir={root / 'run'}",
-        f"retriever.model={root / 'enc'}",
-        "index.shard_size=8",
-        "retriever.batch_size=8",
-        "device=cpu",
-    ]
-    cfg = load_config(None, overrides)
-    encoder = Encoder.from_config(cfg)
-    write_toy_store(root / "run" / "store", docs, questions, tokenizer_backend(encoder))
-    assert index_cli.main(overrides) == 0
+    _, overrides, encoder, _, questions = build_toy_index(root)
     return root, overrides, encoder, questions
 
 

@@ -15,13 +15,11 @@ import pytest
 from common.errors import UserError
 from configs.loader import load_config
 from data_prep.store import segment_input_text
-from retriever import index as index_cli
 from retriever import serve as serve_cli
 from retriever.client import RemoteRetriever, ServiceError
-from retriever.encoder import Encoder
 from retriever.search import Retriever, open_retriever, tokenizer_backend
 from retriever.serve import check_serve_config, create_app, serve_in_thread
-from retriever.testing import make_tiny_encoder, toy_documents, words_of, write_toy_store
+from retriever.testing import build_toy_index, toy_documents, write_toy_store
 
 EXTRA = "Quorn is a new country. The capital of Quorn is Zib. Quorn is led by Wub."
 LIMITS = ["serve.max_top_k=10", "serve.max_questions=4", "serve.max_body_mb=0.02", "serve.max_documents=3"]
@@ -32,21 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    docs, questions = toy_documents(30)
-    words = words_of([d.title + " " + d.text for d in docs] + [q for _, q, _ in questions] + [EXTRA])
-    make_tiny_encoder(root / "enc", words)
-    overrides = [
-        f"run_dir={root / 'run'}",
-        f"retriever.model={root / 'enc'}",
-        "index.shard_size=8",
-        "retriever.batch_size=8",
-        "device=cpu",
-        *LIMITS,
-    ]
-    cfg = load_config(None, overrides)
-    encoder = Encoder.from_config(cfg)
-    write_toy_store(root / "run" / "store", docs, questions, tokenizer_backend(encoder))
-    assert index_cli.main(overrides) == 0
+    cfg, overrides, encoder, _, questions = build_toy_index(root, extra_texts=(EXTRA,), overrides=tuple(LIMITS))
     return root, cfg, overrides, encoder, questions
 
 
