@@ -191,9 +191,9 @@ class DemoService:
     def _reading_hits(self, hits: list) -> list:
         """Hits as the LM reads them: live segments without their id.
 
-        QASystem caches frozen segment features by segment id, and `Retriever.reset()` hands the ids of
-        forgotten live segments out again; keyed by their text instead (the cache's rule for segments
-        without an id), a document added after a reset can never be read with another one's features.
+        `Retriever.reset()` hands the ids of forgotten live segments out again, and a prefix store is looked up
+        by segment id; without an id a live segment is read by its text (the feature and prefix caches key by
+        a hash of title and text), so a document added after a reset is never read as another one.
         """
         n_built = len(self.retriever.store)
         return [dataclasses.replace(h, segment_id=None) if h.segment_id >= n_built else h for h in hits]
