@@ -328,6 +328,10 @@ class PretrainConfig:
     min_context_tokens: int = opt(16, "segments with fewer context tokens than this are skipped")
     min_continuation_tokens: int = opt(8, "segments with fewer continuation tokens than this are skipped")
     temperature: float = opt(1.0, "softmax temperature of the distillation KL")
+    init_from: str | None = opt(None, "start the encoder from a checkpoint, as train.init_from does: `DIR` "
+                                "(the same-named system) or `DIR:SYSTEM` (e.g. DIR:dynamic_prefix@pfull: its "
+                                "format slots and K/V heads; the pooling keeps its start); null = the LM's own "
+                                "K,V warm start")
     save_every: int = opt(50, "steps between checkpoints and resumable state (0 = only final)")
     log_every: int = opt(10, "steps between log lines")
 

@@ -211,7 +211,8 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
     return models
 
 
-def init_encoder_from(model: PrefixQAModel, spec: str, name: str, lm_config) -> list[str] | None:
+def init_encoder_from(model: PrefixQAModel, spec: str, name: str, lm_config,
+                      key: str = "train.init_from") -> list[str] | None:
     """Start `model`'s knowledge encoder from a trained one (train.init_from = `DIR` or `DIR:SYSTEM`).
 
     `DIR` reads the same-named system of checkpoint DIR, `DIR:SYSTEM` another one (e.g. a compressed encoder
@@ -223,12 +224,12 @@ def init_encoder_from(model: PrefixQAModel, spec: str, name: str, lm_config) -> 
     manifest = read_manifest(directory)
     have = {k: v for k, v in manifest["lm"].items() if k != "model"}
     if have != lm_fingerprint(lm_config):
-        raise UserError(f"train.init_from={spec} was trained for LM {manifest['lm'].get('model')}; use a "
+        raise UserError(f"{key}={spec} was trained for LM {manifest['lm'].get('model')}; use a "
                         "checkpoint of the configured lm.model")
     info = manifest["systems"].get(source)
     if model.encoder is None or info is None or "knowledge_encoder" not in info:
         if source != name:
-            raise UserError(f"train.init_from={spec}: {directory} has no dynamic system `{source}`; it holds "
+            raise UserError(f"{key}={spec}: {directory} has no dynamic system `{source}`; it holds "
                             f"{', '.join(manifest['systems'])}")
         return None
     verify_weights(directory, source, info)
@@ -236,7 +237,7 @@ def init_encoder_from(model: PrefixQAModel, spec: str, name: str, lm_config) -> 
     own = model.encoder.state_dict()
     wrong = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     if wrong or (source == name and set(weights) != set(own)):
-        raise UserError(f"train.init_from={spec}: the knowledge encoder of `{source}` there has another shape than "
+        raise UserError(f"{key}={spec}: the knowledge encoder of `{source}` there has another shape than "
                         f"the configured `{name}` ({', '.join(wrong) or 'other weights'}); "
                         f"saved config: {info['knowledge_encoder']}")
     shared = {k: v for k, v in weights.items() if k in own}

@@ -40,9 +40,9 @@ from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
 from qa.batching import FeatureCache, left_pad
-from qa.checkpoint import new_model, save_checkpoint
+from qa.checkpoint import init_encoder_from, new_model, save_checkpoint
 from qa.systems import parse_system
-from qa.train import lr_lambda
+from qa.train import lr_lambda, param_groups
 
 log = logging.getLogger("qa.pretrain")
 
@@ -140,7 +140,14 @@ class Pretrainer:
         backbone = build_backbone(cfg.knowledge_encoder, self.lm, self.template, cfg.retriever.model, accelerator.device)
         self.cache = FeatureCache.from_config(backbone, cfg)
         model = new_model(self.system, cfg, self.lm, self.template, None)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=pcfg.lr,
+        if pcfg.init_from:
+            loaded = init_encoder_from(model, pcfg.init_from, str(self.system), self.lm.config,
+                                       key="pretrain.init_from")
+            log.info("%s starts from the knowledge encoder in %s (%s)", self.system, pcfg.init_from,
+                     ", ".join(loaded or ["nothing: no such system there"]))
+        # The pooling queries get train.pool_lr_scale here too: without it they stay near zero for the
+        # whole stage and every slot pools by position only.
+        opt = torch.optim.AdamW(param_groups(model, pcfg.lr, cfg.train.pool_lr_scale), lr=pcfg.lr,
                                 weight_decay=cfg.train.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(pcfg.warmup_steps, pcfg.max_steps))
         self.model, self.opt, self.sched = accelerator.prepare(model.to(accelerator.device), opt, sched)

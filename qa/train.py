@@ -73,16 +73,17 @@ def train_segment_ids(store: SegmentStore) -> set[int]:
             if in_split(t, "train", rule.get("seed", 0), rule.get("dev", 0.1), rule.get("test", 0.2))}
 
 
-def param_groups(model, tcfg) -> list[dict]:
-    """AdamW groups: the compressor's pooling queries at train.pool_lr_scale x train.lr (they start at zero and
-    must grow to the keys' scale before content, not only position, decides what a slot pools), the rest at lr."""
+def param_groups(model, lr: float, pool_lr_scale: float) -> list[dict]:
+    """AdamW groups: the compressor's pooling queries at pool_lr_scale x lr (train.pool_lr_scale; they start at
+    zero and must grow to the keys' scale before content, not only position, decides what a slot pools), the
+    rest at lr. qa.train and qa.pretrain both use it."""
     pool, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (pool if ".pool." in f".{name}" else rest).append(p)
     groups = [{"params": rest}]
     if pool:
-        groups.append({"params": pool, "lr": tcfg.lr * tcfg.pool_lr_scale})
+        groups.append({"params": pool, "lr": lr * pool_lr_scale})
     return groups
 
 
@@ -126,7 +127,7 @@ class Trainer:
                 log.info("%s starts from the knowledge encoder in %s (%s)", system, cfg.train.init_from,
                          ", ".join(loaded))
             model = model.to(accelerator.device)
-            opt = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+            opt = torch.optim.AdamW(param_groups(model, cfg.train.lr, cfg.train.pool_lr_scale), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps))
             model, opt, sched = accelerator.prepare(model, opt, sched)
             self.models[str(system)], self.opts[str(system)], self.scheds[str(system)] = model, opt, sched

@@ -181,8 +181,8 @@ def test_pool_lr_scale_puts_the_pooling_parameters_in_their_own_group(smol_token
     cfg.train.pool_lr_scale = 10.0
     cfg.knowledge_encoder.slot_bias = True
     model = new_model(parse_system("dynamic_prefix@p4"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
-    rest, pool = param_groups(model, cfg.train)
+    rest, pool = param_groups(model, cfg.train.lr, cfg.train.pool_lr_scale)
     assert {id(p) for p in pool["params"]} == {id(model.encoder.pool.queries), id(model.encoder.pool.bias_offset)}
     assert pool["lr"] == 10 * cfg.train.lr and "lr" not in rest
     full = new_model(parse_system("dynamic_prefix@pfull"), cfg, tiny_llama, PromptTemplate(smol_tokenizer), None)
-    assert len(param_groups(full, cfg.train)) == 1
+    assert len(param_groups(full, cfg.train.lr, cfg.train.pool_lr_scale)) == 1

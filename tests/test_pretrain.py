@@ -94,6 +94,33 @@ def test_pretrain_lowers_kl_resumes_and_initialises_qa_training(tiny_cfg, tmp_pa
     assert pre["pool.queries"].abs().sum() > 0
 
 
+def test_pretrain_gives_the_pooling_its_lr_scale_and_starts_from_a_full_length_encoder(tiny_cfg, tmp_path):
+    """Regression: qa.pretrain once put every parameter at pretrain.lr, so its pooling queries learnt at a tenth of
+    what qa.train gives them; and it could not start from a trained P = n encoder (pretrain.init_from)."""
+    from accelerate import Accelerator
+
+    from configs.cli import build_parser, parse
+    from qa.pretrain import Pretrainer
+
+    full = share(tiny_cfg, tmp_path / "full")
+    train_main(args(tiny_cfg, full, "train.systems=dynamic_prefix@pfull", "train.max_steps=1", "train.eval_every=0",
+                    "train.batch_size=4", "train.dev_limit=4", "train.warmup_steps=1", "lm.max_new_tokens=2"))
+    source = full / "checkpoints" / "final"
+    run = share(tiny_cfg, tmp_path / "f")
+    cfg, _ = parse(build_parser("qa.pretrain", ""), args(tiny_cfg, run, "pretrain.lr=1e-3", "train.pool_lr_scale=7",
+                                                      f"pretrain.init_from={source}:dynamic_prefix@pfull"))
+    trainer = Pretrainer(cfg, Accelerator(cpu=True))
+    rates = sorted(group["lr"] for group in trainer.opt.optimizer.param_groups)
+    assert rates == pytest.approx([1e-3, 7e-3])
+    heads = load_file(str(source / "dynamic_prefix@pfull" / "knowledge_encoder.safetensors"))
+    mine = trainer.acc.unwrap_model(trainer.model).encoder.state_dict()
+    shared = [k for k in heads if k in mine]
+    assert shared and all(torch.equal(mine[k], heads[k]) for k in shared)
+    with pytest.raises(UserError, match="pretrain.init_from="):
+        bad, _ = parse(build_parser("qa.pretrain", ""), args(tiny_cfg, run, f"pretrain.init_from={source}:rag_text"))
+        Pretrainer(bad, Accelerator(cpu=True))
+
+
 def test_pretrain_refuses_a_full_length_system_and_bad_fractions(tiny_cfg, tmp_path):
     run = share(tiny_cfg, tmp_path / "e")
     with pytest.raises(UserError, match="nothing to compress"):
