@@ -188,6 +188,12 @@ class KnowledgeEncoderConfig:
     encode_lora_targets: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj"], "names of the LM's linear layers that the encode adapter adapts"
     )
+    encode_lora_layers: int = opt(
+        0,
+        "adapt only the LM's last N decoder layers in the encode pass (0 = all): backpropagation then stops at "
+        "the first adapted layer, so a step costs about (1 + 2 N / L) instead of 3 forward passes of L layers; "
+        "the K,V of the layers below are the frozen LM's",
+    )
     slot_bias: bool = opt(
         True,
         "give every pooled slot the attention logit bias log(n / P) plus a learned offset per head and slot, so P "

@@ -22,12 +22,25 @@ from torch import nn
 from torch.func import functional_call
 
 
+def _layer_index(name: str) -> int:
+    """The decoder layer a module name belongs to ("layers.12.self_attn.q_proj" -> 12; -1 outside the layers)."""
+    parts = name.split(".")
+    for head, index in zip(parts, parts[1:]):
+        if head == "layers" and index.isdigit():
+            return int(index)
+    return -1
+
+
 class EncodeAdapter(nn.Module):
-    def __init__(self, lm, rank: int, targets: list[str], alpha: float | None = None):
+    def __init__(self, lm, rank: int, targets: list[str], alpha: float | None = None, last_layers: int = 0):
+        """`last_layers` > 0 adapts only the last that many decoder layers (their linear layers named in
+        `targets`); autograd then records nothing below the first adapted layer."""
         super().__init__()
         decoder = lm.get_decoder()
+        first = max(0, len(decoder.layers) - last_layers) if last_layers > 0 else 0
         self.names = [n for n, m in decoder.named_modules()
-                      if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+                      if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+                      and _layer_index(n) >= first]
         if not self.names:
             raise ValueError(f"no linear layer of the LM is named like {targets}")
         self.rank = rank

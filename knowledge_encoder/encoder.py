@@ -159,7 +159,8 @@ class KnowledgeEncoder(nn.Module):
             if cfg.encode_lora_rank and self.slots and cfg.compressor == "pool":
                 if lm is None:
                     raise ValueError("an encode adapter (encode_lora_rank > 0) needs the LM")
-                self.adapter = EncodeAdapter(lm, cfg.encode_lora_rank, list(cfg.encode_lora_targets))
+                self.adapter = EncodeAdapter(lm, cfg.encode_lora_rank, list(cfg.encode_lora_targets),
+                                            last_layers=cfg.encode_lora_layers)
                 object.__setattr__(self, "lm", lm)
         else:
             if feature_dim is None:

@@ -86,3 +86,19 @@ def test_adapter_needs_token_ids(smol_tokenizer, tiny_llama):
     feats.ids = None
     with pytest.raises(ValueError, match="token ids"):
         _adapted(tiny_llama)(feats)
+
+
+def test_adapter_on_the_last_layers_only_leaves_the_lower_layers_k_v_frozen(smol_tokenizer):
+    lm = make_tiny_llama(len(smol_tokenizer))
+    layers = lm.config.num_hidden_layers
+    cfg = KnowledgeEncoderConfig(prefix_slots=4, format_slots=0, pool_rope="pre", encode_lora_rank=4,
+                                 encode_lora_layers=1)
+    enc = KnowledgeEncoder(cfg, lm.config, lm=lm)
+    assert enc.adapter.names and all(n.startswith(f"layers.{layers - 1}.") for n in enc.adapter.names)
+    for b in enc.adapter.b.values():
+        torch.nn.init.normal_(b, std=0.1)  # a trained adapter: B no longer zero
+    feats = _features(lm, smol_tokenizer)
+    keys, values = enc.adapter.encode(lm, feats.ids, feats.mask)
+    torch.testing.assert_close(keys[0], feats.keys[0], atol=1e-5, rtol=1e-4)  # layer 0: the frozen LM's
+    assert not keys[0].requires_grad and keys[-1].requires_grad
+    assert not torch.allclose(keys[-1], feats.keys[-1], atol=1e-4)
