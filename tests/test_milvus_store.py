@@ -180,3 +180,21 @@ def test_an_unreachable_server_is_a_clear_error(tmp_path):
     options = MilvusOptions(uri="http://127.0.0.1:9", timeout=1.0)
     with pytest.raises(UserError, match="cannot reach the Milvus server at index.milvus_uri=http://127.0.0.1:9"):
         MilvusStore.create(8, options, index_dir=Path(tmp_path))
+
+
+def test_a_milvus_lite_file_open_in_another_process_is_a_clear_error(tmp_path):
+    """milvus-lite locks its .db for one process; a second one gets a UserError saying what to do."""
+    import subprocess
+    import sys
+
+    store = MilvusStore.create(4, MilvusOptions(), index_dir=tmp_path)
+    store.add(np.eye(4, dtype=np.float32), np.arange(4))
+    store.save(tmp_path, {})
+    code = (
+        "from common.errors import UserError\nfrom retriever.vector_store import load_index_dir\n"
+        f"try:\n    load_index_dir({str(tmp_path)!r}, backend='milvus')\n"
+        "except UserError as e:\n    print('refused:', e)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120).stdout
+    assert "refused: cannot open the milvus-lite file" in out and "one process" in out
