@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -189,6 +190,9 @@ _MINIMUMS = (
     ("index", "nprobe", 0, "0 = automatic"),
     ("index", "shard_size", 1, ""),
     ("index", "train_sample", 0, "0 = automatic"),
+    ("index", "milvus_hnsw_m", 2, ""),
+    ("index", "milvus_hnsw_ef_construction", 1, ""),
+    ("index", "milvus_hnsw_ef", 1, ""),
     ("lm", "max_new_tokens", 1, ""),
     ("lm", "max_question_chars", 1, ""),
 )
@@ -208,6 +212,27 @@ def _check_run_dir(run_dir: str) -> None:
                     "(run_dir=runs/NAME), or move the file away"
                 )
             return
+
+
+_MILVUS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+_MILVUS_SCHEMES = ("http://", "https://", "tcp://", "grpc://", "unix:")
+
+
+def _check_milvus(index) -> None:
+    """index.milvus_*: checked whatever index.backend is, so a typo surfaces before the backend is switched."""
+    if not _MILVUS_NAME.fullmatch(index.milvus_collection):
+        raise ConfigError(
+            f"index.milvus_collection must be a Milvus name (a letter or _, then letters, digits or _, at most "
+            f"200 characters), got {index.milvus_collection!r}"
+        )
+    uri = index.milvus_uri
+    if uri is not None and not (uri.startswith(_MILVUS_SCHEMES) or (uri.endswith(".db") and uri.strip() != ".db")):
+        raise ConfigError(
+            f"index.milvus_uri must be a server URI (http://host:19530, https://…, tcp://…, unix:…) or a "
+            f"milvus-lite file ending in .db, got {uri!r} (null = run_dir/index/milvus.db)"
+        )
+    if index.milvus_timeout <= 0:
+        raise ConfigError(f"index.milvus_timeout must be > 0 seconds, got {index.milvus_timeout}")
 
 
 def _validate(cfg: Config) -> None:
@@ -245,6 +270,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("retriever.top_k must be >= 1")
     if cfg.knowledge_encoder.prefix_slots is not None and cfg.knowledge_encoder.prefix_slots < 0:
         raise ConfigError("knowledge_encoder.prefix_slots must be >= 0 (0 or null = segment length)")
+    _check_milvus(cfg.index)
     hybrid = cfg.retriever.hybrid
     # Checked even while hybrid.enabled is false, so a typo surfaces before a long run turns it on.
     if not 0.0 <= hybrid.weight <= 1.0:

@@ -155,6 +155,21 @@ class IndexConfig:
     train_sample: int = opt(0, "vectors used to train the IVF quantizer (0 = min(N, 256 * nlist))")
     use_gpu: str = opt("auto", "faiss GPU index: auto, true, false", choices=("auto", "true", "false"))
     verify_sha256: bool = opt(True, "check the index file's sha256 against its manifest on load (slow for huge indexes)")
+    backend: str = opt("faiss", "vector store: `faiss` (embedded, run_dir/index/index.faiss) or `milvus` (pymilvus: "
+                       "milvus-lite in a local file, or a Milvus server/cluster at index.milvus_uri); an index built "
+                       "by one is refused by the other", choices=("faiss", "milvus"))
+    milvus_uri: str | None = opt(None, "Milvus to build in and search (index.backend=milvus): null = the milvus-lite "
+                                 "file run_dir/index/milvus.db, a local path ending in .db (milvus-lite), or a server "
+                                 "or cluster URI such as http://host:19530")
+    milvus_collection: str = opt("prefixrag", "Milvus alias of the index (index.backend=milvus); each build is a new "
+                                 "collection NAME__<build id> that the alias is switched to")
+    milvus_index_type: str = opt("FLAT", "Milvus vector index (index.backend=milvus), inner product: FLAT (exact), "
+                                 "IVF_FLAT (index.nlist lists, index.nprobe visited) or HNSW (index.milvus_hnsw_*)",
+                                 choices=("FLAT", "IVF_FLAT", "HNSW"))
+    milvus_hnsw_m: int = opt(16, "HNSW graph degree M (index.milvus_index_type=HNSW)")
+    milvus_hnsw_ef_construction: int = opt(200, "HNSW efConstruction (index.milvus_index_type=HNSW)")
+    milvus_hnsw_ef: int = opt(128, "HNSW search ef, raised to k when k is larger (index.milvus_index_type=HNSW)")
+    milvus_timeout: float = opt(60.0, "seconds one Milvus call may take before it is an error (index.backend=milvus)")
 
 
 @dataclass

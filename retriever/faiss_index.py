@@ -5,9 +5,11 @@ wrapped in `IndexIDMap2`), so `remove_ids` and live additions work on the same i
 A CPU index is the master copy (it is what is saved and mutated); when faiss sees a GPU, searches
 go to a GPU copy made with `index_cpu_to_gpu`, refreshed after every change.
 
-An index directory (`run_dir/index/`) holds `index.faiss` and `manifest.json`: encoder name and
-fingerprint, dim, metric, factory string, nlist, nprobe, ntotal, segment-store fingerprint and the
-sha256 of `index.faiss`. It is written atomically; `load_index_dir` refuses any mismatch.
+An index directory (`run_dir/index/`) holds `index.faiss` and `manifest.json`: backend (`faiss`),
+encoder name and fingerprint, dim, metric, factory string, nlist, nprobe, ntotal, segment-store
+fingerprint and the sha256 of `index.faiss`. It is written atomically (a temp folder renamed over the
+old one); `retriever.vector_store.load_index_dir` refuses any mismatch. `FaissIndex` is the `faiss`
+implementation of `retriever.vector_store.VectorStore` (`index.backend=faiss`, the default).
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ import numpy as np
 
 from common.atomic import atomic_dir, sha256_file
 from common.errors import UserError
+from retriever.vector_store import (  # noqa: F401  (load_index_dir, read_manifest: the names callers import)
+    MANIFEST_FILE,
+    REBUILD,
+    load_index_dir,
+    manifest_fields,
+    read_manifest,
+    save_index_dir,
+)
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
 _METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # faiss warns below 39 training points per centroid; k-means is unreliable there.
 MIN_POINTS_PER_CENTROID = 39
@@ -66,6 +74,8 @@ def gpu_count() -> int:
 
 class FaissIndex:
     """A faiss index over (n, dim) float32 vectors with int64 ids; thread-safe search and mutation."""
+
+    backend = "faiss"
 
     def __init__(
         self, index: faiss.Index, *, metric: str = "inner_product", factory: str = "", use_gpu: str = "auto"
@@ -225,6 +235,33 @@ class FaissIndex:
         with self._lock:
             faiss.write_index(self.cpu_index, str(path))
 
+    def save(self, index_dir: Path, manifest: dict) -> dict:
+        """Write `index.faiss` + `manifest.json` (with ntotal, dim, nlist, factory, metric, sha256) as
+        `index_dir`, atomically: a temp folder beside it, renamed over it when complete."""
+        with atomic_dir(Path(index_dir)) as tmp:
+            self.write(tmp / INDEX_FILE)
+            full = {**manifest_fields(self, manifest), "index_file": INDEX_FILE, "sha256": sha256_file(tmp / INDEX_FILE)}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return full
+
+    @classmethod
+    def load(cls, index_dir: Path, manifest: dict, *, use_gpu: str = "auto", verify_sha256: bool = True) -> FaissIndex:
+        """The index file of a checked manifest (`retriever.vector_store.load_index_dir`), sha256 verified."""
+        path = Path(index_dir) / manifest.get("index_file", INDEX_FILE)
+        if not path.is_file():
+            raise UserError(f"{index_dir}: {path.name} is missing; {REBUILD}")
+        if verify_sha256 and sha256_file(path) != manifest.get("sha256"):
+            raise UserError(f"{path}: sha256 does not match its manifest (corrupt or replaced file); {REBUILD}")
+        index = cls.read(
+            path, metric=manifest.get("metric", "inner_product"), factory=manifest.get("factory", ""), use_gpu=use_gpu
+        )
+        if "nprobe" in manifest:
+            index._set_nprobe(index.cpu_index, index.resolve_nprobe(manifest["nprobe"]))
+        return index
+
+    def discard(self) -> None:
+        """Nothing to drop: an unsaved faiss index lives in memory only."""
+
     @classmethod
     def read(cls, path: Path, *, metric: str, factory: str, use_gpu: str = "auto") -> FaissIndex:
         try:
@@ -254,99 +291,3 @@ def _as_f32(x: np.ndarray, dim: int) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"expected vectors of shape (n, {dim}), got {x.shape}")
     return x
-
-
-# ---------------------------------------------------------------------------------------- directory
-
-
-def save_index_dir(index_dir: Path, index: FaissIndex, manifest: dict) -> dict:
-    """Write `index.faiss` + `manifest.json` (with ntotal, dim, nlist, factory, metric, sha256) atomically."""
-    index_dir = Path(index_dir)
-    with atomic_dir(index_dir) as tmp:
-        index.write(tmp / INDEX_FILE)
-        full = {
-            **manifest,
-            "format": MANIFEST_FORMAT,
-            "index_file": INDEX_FILE,
-            "factory": index.factory,
-            "metric": index.metric,
-            "dim": index.dim,
-            "nlist": index.nlist,
-            "ntotal": index.ntotal,
-            "sha256": sha256_file(tmp / INDEX_FILE),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return full
-
-
-def read_manifest(index_dir: Path) -> dict:
-    path = Path(index_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise UserError(
-            f"no index at {index_dir} (missing {MANIFEST_FILE}); build it with "
-            "`python -m retriever.index --config C`"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path}: corrupt manifest ({e}); rebuild with `python -m retriever.index --config C`"
-        ) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise UserError(
-            f"{path}: unknown index manifest format; rebuild with `python -m retriever.index --config C`"
-        )
-    return manifest
-
-
-def load_index_dir(
-    index_dir: Path,
-    *,
-    encoder_fingerprint: str | None = None,
-    encoder_name: str | None = None,
-    dim: int | None = None,
-    store_fingerprint: str | None = None,
-    use_gpu: str = "auto",
-    verify_sha256: bool = True,
-) -> tuple[FaissIndex, dict]:
-    """Load an index directory, refusing a mismatch with the encoder, the dim or the segment store."""
-    index_dir = Path(index_dir)
-    manifest = read_manifest(index_dir)
-    rebuild = "rebuild it with `python -m retriever.index --config C`"
-    enc = manifest.get("encoder", {})
-    if encoder_fingerprint is not None and enc.get("fingerprint") != encoder_fingerprint:
-        raise UserError(
-            f"{index_dir} was built with encoder `{enc.get('name')}` (fingerprint {enc.get('fingerprint')}), "
-            "but "
-            f"retriever.model=`{encoder_name}` has fingerprint {encoder_fingerprint}: set "
-            f"retriever.model={enc.get('name')} (e.g. the fine-tuned run_dir/retriever) or {rebuild}"
-        )
-    if dim is not None and manifest.get("dim") != dim:
-        raise UserError(
-            f"{index_dir} holds {manifest.get('dim')}-d vectors but the encoder makes {dim}-d ones; {rebuild}"
-        )
-    if store_fingerprint is not None and manifest.get("store_fingerprint") != store_fingerprint:
-        raise UserError(
-            f"{index_dir} was built over segment store {manifest.get('store_fingerprint')}, "
-            "but the store in this "
-            f"run_dir is {store_fingerprint} (the corpus or segmentation changed); {rebuild}"
-        )
-    path = index_dir / manifest.get("index_file", INDEX_FILE)
-    if not path.is_file():
-        raise UserError(f"{index_dir}: {path.name} is missing; {rebuild}")
-    if verify_sha256 and sha256_file(path) != manifest.get("sha256"):
-        raise UserError(f"{path}: sha256 does not match its manifest (corrupt or replaced file); {rebuild}")
-    index = FaissIndex.read(
-        path,
-        metric=manifest.get("metric", "inner_product"),
-        factory=manifest.get("factory", ""),
-        use_gpu=use_gpu,
-    )
-    if index.ntotal != manifest.get("ntotal") or index.dim != manifest.get("dim"):
-        raise UserError(
-            f"{path}: holds {index.ntotal} × {index.dim} vectors, the manifest says "
-            f"{manifest.get('ntotal')} × {manifest.get('dim')}; {rebuild}"
-        )
-    if "nprobe" in manifest:
-        index._set_nprobe(index.cpu_index, index.resolve_nprobe(manifest["nprobe"]))
-    return index, manifest

@@ -2,9 +2,11 @@
 
 Reads `run_dir/store/`, embeds every segment with `retriever.model` into `run_dir/embeddings/`
 (sharded, resumable: rerun after a crash and it continues at the first unfinished shard), then builds
-the faiss index `index.factory` (default `IVF{nlist},Flat`, inner product; nlist from `index.nlist`
-or about 4·√N) trained on a random sample, adds the vectors in batches with the store's segment ids,
-and writes `run_dir/index/` (index.faiss + manifest.json) atomically. A rebuild drops live additions.
+the vector store of `index.backend`: faiss (default) builds `index.factory` (default `IVF{nlist},Flat`,
+inner product; nlist from `index.nlist` or about 4·√N) trained on a random sample and writes
+`run_dir/index/` (index.faiss + manifest.json) atomically; milvus inserts the vectors into a new Milvus
+collection (`index.milvus_*`, retriever/milvus_store.py) and publishes it with run_dir/index/manifest.json.
+Vectors go in with the store's segment ids, in batches. A rebuild drops live additions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from data_prep.segment import check_window_fits_encoder
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder
-from retriever.faiss_index import FaissIndex, default_nlist, expand_factory, load_index_dir, save_index_dir
+from retriever.faiss_index import default_nlist, expand_factory
+from retriever.vector_store import (
+    StoreOptions,
+    VectorStore,
+    create_store,
+    load_index_dir,
+    save_index_dir,
+    store_checks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +47,30 @@ def index_embeddings(
     train_sample: int = 0,
     use_gpu: str = "auto",
     seed: int = 0,
-) -> FaissIndex:
-    """A faiss index over a finished embedding directory, ids = segment ids."""
+    options: StoreOptions | None = None,
+    index_dir: Path | None = None,
+) -> VectorStore:
+    """A vector store over a finished embedding directory, ids = segment ids: faiss (`factory`) unless
+    `options.backend` says otherwise; a Milvus build goes to `options.milvus` (null uri: index_dir/milvus.db)."""
     n = emb.n
     if n == 0:
         raise UserError("the segment store has no segments: nothing to index")
     nlist = nlist or default_nlist(n)
-    index = FaissIndex.create(expand_factory(factory, nlist), emb.dim, "inner_product", use_gpu=use_gpu)
+    options = options or StoreOptions(use_gpu=use_gpu)
+    index = create_store(
+        options, emb.dim, factory=expand_factory(factory, nlist), nlist=nlist, index_dir=Path(index_dir or ".")
+    )
+    try:
+        _fill(index, emb, train_sample=train_sample, seed=seed)
+    except BaseException:
+        index.discard()
+        raise
+    return index
+
+
+def _fill(index: VectorStore, emb: Embeddings, *, train_sample: int, seed: int) -> None:
+    """Train `index` on a sample of `emb` (when it needs training), then add every vector under its segment id."""
+    n = emb.n
     if not index.is_trained:
         # faiss k-means uses at most 256 points per centroid anyway; more only costs time. The sample is
         # held in RAM as float32, so the default also stays under TRAIN_SAMPLE_BYTES (4 GB: 1.4M × 768).
@@ -61,7 +88,6 @@ def index_embeddings(
         log.info("trained %s on %d vectors in %.1f s", index.factory, len(sample), time.perf_counter() - t0)
     for ids, vectors in emb.iter_chunks(ADD_BATCH):
         index.add(vectors, ids)
-    return index
 
 
 def check_store_fits_encoder(store: SegmentStore, encoder: Encoder, configured: int) -> None:
@@ -115,9 +141,24 @@ def build_index(
         train_sample=cfg.index.train_sample,
         use_gpu=cfg.index.use_gpu,
         seed=cfg.seed,
+        options=StoreOptions.from_config(cfg),
+        index_dir=run_dir / "index",
     )
+    try:
+        manifest = _save(cfg, index, run_dir, store, encoder, emb_manifest, t_embed, t1)
+    except BaseException:
+        index.discard()
+        raise
+    live = run_dir / "live"
+    if live.exists():
+        log.info("the index was rebuilt: dropping live additions in %s", live)
+        shutil.rmtree(live, ignore_errors=True)
+    return manifest
+
+
+def _save(cfg, index: VectorStore, run_dir: Path, store, encoder, emb_manifest: dict, t_embed: float, t1: float) -> dict:
     t_index = time.perf_counter() - t1
-    manifest = save_index_dir(
+    return save_index_dir(
         run_dir / "index",
         index,
         {
@@ -133,16 +174,11 @@ def build_index(
             "segments_per_s": emb_manifest.get("segments_per_s"),
         },
     )
-    live = run_dir / "live"
-    if live.exists():
-        log.info("the index was rebuilt: dropping live additions in %s", live)
-        shutil.rmtree(live, ignore_errors=True)
-    return manifest
 
 
 def ensure_index(
     cfg, *, encoder: Encoder, store: SegmentStore, run_dir: str | Path, progress: bool = True
-) -> tuple[FaissIndex, dict]:
+) -> tuple[VectorStore, dict]:
     """Open run_dir/index when it was built from `store` with `encoder`; (re)build it first otherwise.
 
     Any refusal of load_index_dir (missing, another encoder or store, a bad sha256) means a rebuild.
@@ -153,14 +189,13 @@ def ensure_index(
         "encoder_name": encoder.info.name,
         "dim": encoder.dim,
         "store_fingerprint": store.fingerprint,
-        "use_gpu": cfg.index.use_gpu,
-        "verify_sha256": cfg.index.verify_sha256,
+        **store_checks(StoreOptions.from_config(cfg)),
     }
     try:
         return load_index_dir(index_dir, **checks)
     except UserError as err:
         # err ends in advice for a user opening the index by hand; here the rebuild is what follows.
-        reason = re.split(r"; rebuild|; build it|: set retriever\.model", str(err))[0]
+        reason = re.split(r"; rebuild|; build it|: set retriever\.model|: set index\.", str(err))[0]
         log.info("building %s, since the index there cannot be used: %s", index_dir, reason)
     build_index(cfg, encoder=encoder, run_dir=run_dir, store=store, progress=progress)
     return load_index_dir(index_dir, **checks)
@@ -172,7 +207,7 @@ def main(argv=None) -> int:
     manifest = build_index(cfg)
     rate = manifest.get("segments_per_s")
     print(
-        f"index: {Path(cfg.run_dir) / 'index'}  {manifest['factory']}  ntotal={manifest['ntotal']} "
+        f"index: {Path(cfg.run_dir) / 'index'}  {manifest['backend']} {manifest['factory']}  ntotal={manifest['ntotal']} "
         f"dim={manifest['dim']} nlist={manifest['nlist']} nprobe={manifest['nprobe']}  "
         f"embedding {manifest['embed_seconds']:.1f} s"
         + (f" ({rate:.1f} segments/s)" if rate else " (reused)")

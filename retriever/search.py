@@ -41,8 +41,8 @@ from common.integrity import hash_files, verify_file
 from data_prep.records import Document, Segment
 from data_prep.store import SegmentStore, segment_input_text
 from retriever.encoder import Encoder
-from retriever.faiss_index import FaissIndex, load_index_dir
 from retriever.hybrid import HybridSearcher
+from retriever.vector_store import StoreOptions, VectorStore, load_index_dir, store_checks
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,13 @@ class Hit:
 
 
 class Retriever:
-    """Encoder + faiss index + segment store (+ the live delta); thread-safe."""
+    """Encoder + vector store (faiss or Milvus, `index.backend`) + segment store (+ the live delta); thread-safe."""
 
     def __init__(
         self,
         *,
         encoder: Encoder,
-        index: FaissIndex,
+        index: VectorStore,
         manifest: dict,
         store: SegmentStore,
         run_dir: Path,
@@ -78,6 +78,7 @@ class Retriever:
         stride: int = 64,
         use_gpu: str = "auto",
         hybrid: HybridSearcher | None = None,
+        store_options: StoreOptions | None = None,
     ):
         self.encoder = encoder
         self.hybrid = hybrid  # BM25 fusion (retriever.hybrid.*), None = dense only
@@ -89,6 +90,8 @@ class Retriever:
         self.window = window
         self.stride = stride
         self.use_gpu = use_gpu
+        # how reset() reopens the index (index.backend, index.milvus_*); None = whichever backend built it
+        self.store_options = store_options
         self._lock = threading.RLock()
         self._segmenter = None
         self._reset_live_state()
@@ -111,8 +114,7 @@ class Retriever:
             encoder_name=encoder.info.name,
             dim=encoder.dim,
             store_fingerprint=store.fingerprint,
-            use_gpu=cfg.index.use_gpu,
-            verify_sha256=verify_sha256 and cfg.index.verify_sha256,
+            **{**store_checks(StoreOptions.from_config(cfg)), "verify_sha256": verify_sha256 and cfg.index.verify_sha256},
         )
         built = manifest.get("encoder", {})
         for key in ("similarity", "query_prefix", "passage_prefix", "max_seq_length"):
@@ -136,7 +138,7 @@ class Retriever:
         cfg,
         *,
         encoder: Encoder,
-        index: FaissIndex,
+        index: VectorStore,
         manifest: dict,
         store: SegmentStore,
         run_dir: Path,
@@ -160,6 +162,7 @@ class Retriever:
             stride=cfg.data.stride,
             use_gpu=cfg.index.use_gpu,
             hybrid=hybrid,
+            store_options=StoreOptions.from_config(cfg),
         )
 
     # ------------------------------------------------------------------ search
@@ -325,6 +328,11 @@ class Retriever:
                 dim=self.encoder.dim,
                 store_fingerprint=self.store.fingerprint,
                 use_gpu=self.use_gpu,
+                **(
+                    {"backend": self.store_options.backend, "milvus": self.store_options.milvus}
+                    if self.store_options is not None
+                    else {}
+                ),
             )
             self._reset_live_state()
 
