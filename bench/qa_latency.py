@@ -88,9 +88,9 @@ def build_prefix_store(cfg, lm, template, models: dict, segment_ids: list[int], 
     Returns ({original segment id -> subset id}, {system -> PrefixStore}, report). Re-running with the same
     segments and weights reuses the finished prefix store (precompute checks its fingerprints).
     """
-    from knowledge_encoder.precompute import encoder_sha256, precompute, prefix_dir
-    from knowledge_encoder.prefix_store import PrefixStore
-    from qa.checkpoint import save_checkpoint
+    from knowledge_encoder.prefix_store import PrefixStore, prefix_dir
+    from qa.checkpoint import encoder_sha256, save_checkpoint
+    from qa.precompute import precompute
 
     wcfg = bench_cfg(cfg)
     work = Path(wcfg.run_dir)

@@ -230,7 +230,7 @@ class KnowledgeEncoderConfig:
     prefix_store: str = opt(
         "all",
         "where serving (qa.answer, eval.run, the app) gets segment prefixes: `all` = the store that "
-        "`python -m knowledge_encoder.precompute` filled (segments it lacks are computed on the fly), `cache` = a "
+        "`python -m qa.precompute` filled (segments it lacks are computed on the fly), `cache` = a "
         "bounded on-disk LRU cache in run_dir/prefix_cache filled while serving (for corpora too big to "
         "precompute), `none` = always computed",
         choices=("all", "cache", "none"),

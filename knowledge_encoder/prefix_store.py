@@ -32,7 +32,12 @@ from lm.prefix import Prefix
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-REBUILD = "rerun `python -m knowledge_encoder.precompute --config C` to compute it again"
+REBUILD = "rerun `python -m qa.precompute --config C` to compute it again"
+
+
+def prefix_dir(run_dir: Path | str, system: str) -> Path:
+    """Where the prefix store of `system` lives in a run: run_dir/prefixes/<system>/."""
+    return Path(run_dir) / "prefixes" / system
 
 
 def shard_name(index: int) -> str:
@@ -143,14 +148,14 @@ class PrefixStore:
     def open(cls, directory: Path, encoder_sha256: str, store_fingerprint: str) -> PrefixStore:
         path = Path(directory) / MANIFEST
         if not path.is_file():
-            raise UserError(f"no prefix store at {directory}; run `python -m knowledge_encoder.precompute --config C`")
+            raise UserError(f"no prefix store at {directory}; run `python -m qa.precompute --config C`")
         manifest = json.loads(path.read_text())
         if manifest.get("encoder_sha256") != encoder_sha256:
             raise UserError(f"the prefix store {directory} was computed by another knowledge encoder checkpoint; "
-                            "rerun `python -m knowledge_encoder.precompute --config C`")
+                            "rerun `python -m qa.precompute --config C`")
         if manifest.get("store_fingerprint") != store_fingerprint:
             raise UserError(f"the prefix store {directory} was computed over another segment store; "
-                            "rerun `python -m knowledge_encoder.precompute --config C`")
+                            "rerun `python -m qa.precompute --config C`")
         if not manifest.get("complete"):
             raise UserError(f"the prefix store {directory} is incomplete (interrupted?); rerun precompute to finish it")
         return cls(directory, manifest)

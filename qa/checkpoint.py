@@ -142,6 +142,11 @@ def weights_sha256(sub: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(Path(sub).glob("*.safetensors"))}
 
 
+def encoder_sha256(checkpoint: Path | str, system: str) -> str:
+    """The sha256 of a system's knowledge-encoder weights: what prefix stores and caches are fingerprinted by."""
+    return sha256_file(Path(checkpoint) / system / ENCODER_WEIGHTS)
+
+
 def _rebuild_hint(directory: Path) -> str:
     if Path(directory).resolve() == SHIPPED_MODEL.resolve():
         return f"restore the shipped model with `git checkout -- models/{SHIPPED_MODEL.name}`"

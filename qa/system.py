@@ -130,9 +130,9 @@ class QASystem:
         """Prefix sources per `knowledge_encoder.prefix_store`: `all` reads run_dir/prefixes/<system> where it
         exists (a stale one is refused with a clear error), `cache` an LRU cache in run_dir/prefix_cache."""
         from data_prep.store import SegmentStore
-        from knowledge_encoder.precompute import encoder_sha256, prefix_dir
         from knowledge_encoder.prefix_cache import PrefixCache
-        from knowledge_encoder.prefix_store import PrefixStore
+        from knowledge_encoder.prefix_store import PrefixStore, prefix_dir
+        from qa.checkpoint import encoder_sha256
         from qa.prefix_source import PrefixSource, prefix_cache_dir
 
         kcfg = self.cfg.knowledge_encoder

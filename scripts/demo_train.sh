@@ -35,7 +35,7 @@ else
 fi
 
 step 5/7 "prefix store (every segment's prefix, computed once)"
-$PY -m knowledge_encoder.precompute --config "$CONFIG"
+$PY -m qa.precompute --config "$CONFIG"
 
 step 6/7 "evaluation on random test questions"
 $PY -m eval.run --config "$CONFIG"

@@ -283,11 +283,10 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     from bench.common import load_lm_template
     from data_prep.store import SegmentStore
     from knowledge_encoder.backbones import build_backbone
-    from knowledge_encoder.precompute import encoder_sha256, prefix_dir
-    from knowledge_encoder.prefix_store import PrefixStore
+    from knowledge_encoder.prefix_store import PrefixStore, prefix_dir
     from lm.prompting import TextSegment
     from qa.batching import Batcher, Example
-    from qa.checkpoint import new_model
+    from qa.checkpoint import encoder_sha256, new_model
     from qa.prefix_source import PrefixSource
     from qa.system import QASystem
     from qa.systems import parse_system

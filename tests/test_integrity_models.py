@@ -16,18 +16,19 @@ from common.errors import UserError
 from common.integrity import forget_verified
 from configs.loader import load_config
 from configs.schema import Config
-from knowledge_encoder.precompute import encoder_sha256, precompute, prefix_dir
-from knowledge_encoder.prefix_store import PrefixStore
+from knowledge_encoder.prefix_store import PrefixStore, prefix_dir
 from lm.prompting import PromptTemplate
 from qa.checkpoint import (
     ENCODER_WEIGHTS,
     SHIPPED_MODEL,
+    encoder_sha256,
     load_models,
     new_model,
     read_manifest,
     save_checkpoint,
     verify_weights,
 )
+from qa.precompute import precompute
 from qa.static_prefix import ADAPTER_WEIGHTS
 from qa.systems import parse_system
 from tests.test_integrity import flip_byte, truncate
@@ -122,7 +123,7 @@ def test_swapped_id_bytes_in_prefix_shard_are_refused_and_recomputed(tiny, tmp_p
     forget_verified()
     store = open_store(cfg)
     with pytest.raises(
-        UserError, match=r"shard-00000\.safetensors: sha256 does not match.*knowledge_encoder\.precompute"
+        UserError, match=r"shard-00000\.safetensors: sha256 does not match.*qa\.precompute"
     ):
         store.get([0])
     with pytest.raises(UserError, match=r"shard-00000\.safetensors: sha256 does not match"):
@@ -152,7 +153,7 @@ def test_truncated_prefix_shard_is_refused_and_recomputed(tiny, tmp_path):
     cfg = copy_run(tiny, tmp_path)
     shard = prefix_dir(cfg.run_dir, SYSTEM) / "shard-00000.safetensors"
     truncate(shard)
-    with pytest.raises(UserError, match=r"shard-00000\.safetensors: .*knowledge_encoder\.precompute"):
+    with pytest.raises(UserError, match=r"shard-00000\.safetensors: .*qa\.precompute"):
         open_store(cfg)
     precompute(cfg, [SYSTEM], progress=False)
     assert open_store(cfg).get([0]) is not None

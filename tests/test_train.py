@@ -125,8 +125,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_cfg, tmp_path):
 
 def test_prefix_store_serving_skips_the_backbone_and_answers_alike(tiny_cfg, tmp_path, monkeypatch):
     """Regression: answering from a prefix store still ran the frozen backbone over every segment."""
-    from knowledge_encoder.precompute import main as precompute_main
     from qa.batching import FeatureCache
+    from qa.precompute import main as precompute_main
     from qa.system import QASystem
 
     run_dir = share_run_data(tiny_cfg, tmp_path / "served")
