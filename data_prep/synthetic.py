@@ -22,9 +22,10 @@ and test questions use templates that train and dev questions never use.
 
     python -m data_prep.synthetic --config configs/default.yaml [--out DIR]   # write corpus.jsonl + qa.jsonl
     python -m data_prep.synthetic --config configs/default.yaml --show 2      # print two articles
-    python -m data_prep.synthetic --config configs/default.yaml --stats [--retrieval] [--json FILE]
+    python -m data_prep.synthetic --config configs/default.yaml --stats [--json FILE]
 
-(`--stats` is `data_prep.synthetic_stats`: sizes, lengths, majority baseline, off-the-shelf retrieval.)
+(`--stats` is `data_prep.synthetic_stats`: sizes, lengths, majority baseline. Off-the-shelf retrieval over
+the articles, once `--stats --retrieval`, is `python -m retriever.synthetic_eval`: it needs the retriever.)
 """
 
 from __future__ import annotations
@@ -387,10 +388,14 @@ def main(argv=None) -> int:
         "--stats", action="store_true", help="measure sizes, lengths and the majority baseline"
     )
     parser.add_argument(
-        "--retrieval", action="store_true", help="with --stats: off-the-shelf retrieval top-k"
+        "--retrieval", action="store_true", help="moved: use `python -m retriever.synthetic_eval` (same options)"
     )
     parser.add_argument("--json", default=None, help="with --stats: also write the numbers to this JSON file")
     cfg, ns = parse(parser, argv)
+    if ns.retrieval:
+        # The retriever is a floor above data_prep; its measurement lives there (docs/ARCHITECTURE.md).
+        raise UserError("--retrieval has moved: run `python -m retriever.synthetic_eval --config C [--json FILE]` "
+                        "(the same statistics plus off-the-shelf retrieval)")
     syn, d = cfg.data.synthetic, cfg.data
     if ns.show:
         world = World(syn)
@@ -407,7 +412,7 @@ def main(argv=None) -> int:
     if ns.stats:
         from data_prep.synthetic_stats import print_stats, world_stats
 
-        stats = world_stats(cfg, retrieval=ns.retrieval)
+        stats = world_stats(cfg)
         print_stats(stats)
         if ns.json:
             atomic_write_json(ns.json, stats)

@@ -222,13 +222,21 @@ def test_bad_config_is_a_user_error():
 def test_off_the_shelf_retrieval_is_hard_but_not_hopeless():
     """The embedded MiniLM, exact search over whole articles: the near-duplicate names keep top-5 low."""
     from configs.loader import load_config
-    from data_prep.synthetic_stats import world_stats
+    from retriever.synthetic_eval import world_stats_with_retrieval
 
     cfg = load_config(None, ["data.synthetic.n_entities=432"])  # 6 clusters of 12 x 6 names
-    stats = world_stats(cfg, retrieval=True, ks=(1, 5))
+    stats = world_stats_with_retrieval(cfg, ks=(1, 5))
     top5 = stats["retrieval"]["top5_accuracy"]
     assert 0.5 <= top5 <= 0.92, stats["retrieval"]
     assert stats["retrieval"]["top1_accuracy"] < top5
     assert stats["majority_baseline_em"]["test"] < 0.05
     assert 60 <= stats["words_per_article"]["mean"] <= 130
     assert stats["lm_tokens_per_article"]["max"] <= 288
+
+
+def test_stats_retrieval_flag_names_its_new_command():
+    """Off-the-shelf retrieval needs the retriever, a floor above data_prep: the flag says where it went."""
+    from data_prep.synthetic import main
+
+    with pytest.raises(UserError, match=r"python -m retriever\.synthetic_eval"):
+        main(["--stats", "--retrieval"])
