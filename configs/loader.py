@@ -18,6 +18,7 @@ import yaml
 
 from common.errors import ConfigError
 from configs.schema import Config
+from configs.window import check_window_fits_encoder
 
 
 def _is_dataclass_type(tp) -> bool:
@@ -177,8 +178,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # A window this short holds a title and a word or two: no passage a reader or a retriever can use.
 MIN_WINDOW = 8
-# [CLS] and [SEP] the encoder adds around every segment (data_prep/segment.py: window + 2 <= max_seq_length).
-ENCODER_SPECIAL_TOKENS = 2
 
 # Counts that make no sense below a minimum: (section, key, minimum, what the minimum means).
 _MINIMUMS = (
@@ -245,14 +244,8 @@ def _validate(cfg: Config) -> None:
         )
     if not 0 <= d.stride < d.window:
         raise ConfigError(f"data.stride ({d.stride}) must be >= 0 and smaller than data.window ({d.window})")
-    if d.window + ENCODER_SPECIAL_TOKENS > cfg.retriever.max_seq_length:
-        raise ConfigError(
-            f"data.window ({d.window}) + {ENCODER_SPECIAL_TOKENS} special tokens exceeds "
-            f"retriever.max_seq_length ({cfg.retriever.max_seq_length}): the retriever would embed only the first "
-            f"{cfg.retriever.max_seq_length - ENCODER_SPECIAL_TOKENS} tokens of each segment and never see the "
-            f"rest; lower data.window to at most {cfg.retriever.max_seq_length - ENCODER_SPECIAL_TOKENS} or raise "
-            "retriever.max_seq_length (up to the encoder's positions, 512 for embedded:minilm-l6)"
-        )
+    # What the config alone tells: build and index check again with the passage prefix and the encoder's limit.
+    check_window_fits_encoder(d.window, cfg.retriever.max_seq_length, error=ConfigError)
     if d.dev_fraction < 0 or d.test_fraction < 0 or not d.dev_fraction + d.test_fraction < 1:
         raise ConfigError(
             f"data.dev_fraction ({d.dev_fraction}) and data.test_fraction ({d.test_fraction}) must be >= 0 "

@@ -44,11 +44,11 @@ from common.atomic import clean_leftovers, fingerprint
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
 from configs.schema import Config
+from configs.window import check_window_fits_encoder
 from data_prep.loaders import BadInput, LoadStats, Source, iter_documents, parse_source, read_qa
 from data_prep.records import QAExample, Segment
 from data_prep.segment import (
     Segmenter,
-    check_window_fits_encoder,
     encoder_positions,
     gold_positions,
     iter_segmented,

@@ -67,30 +67,6 @@ def load_fast_tokenizer(spec: str):
     return tok
 
 
-ENCODER_SPECIAL_TOKENS = 2  # [CLS] and [SEP] around every segment the encoder reads
-
-
-def check_window_fits_encoder(window: int, max_seq_length: int, prefix_tokens: int = 0, *,
-                              limit_from: str = "retriever.max_seq_length", window_from: str = "data.window",
-                              fix: str = "") -> None:
-    """Refuse a window the retriever's encoder cannot read whole: it would cut every long segment silently.
-
-    `max_seq_length` is what the encoder reads (`limit_from` names where that number comes from);
-    `prefix_tokens` counts `retriever.passage_prefix`, which the encoder reads before the segment.
-    """
-    need = window + ENCODER_SPECIAL_TOKENS + prefix_tokens
-    if need <= max_seq_length:
-        return
-    prefix = f" + {prefix_tokens} of retriever.passage_prefix" if prefix_tokens else ""
-    fits = max_seq_length - ENCODER_SPECIAL_TOKENS - prefix_tokens
-    raise UserError(
-        f"{window_from} ({window}) + {ENCODER_SPECIAL_TOKENS} special tokens{prefix} = {need} tokens, but the "
-        f"retriever reads at most {max_seq_length} ({limit_from}): the text past token {max_seq_length} of a "
-        f"segment would never be embedded; lower data.window to at most {max(fits, 0)}{fix}"
-        + (" or raise retriever.max_seq_length" if limit_from == "retriever.max_seq_length" else "")
-    )
-
-
 def encoder_positions(spec: str) -> int | None:
     """The position limit in the config.json of encoder `spec`, when its folder is on disk (else None)."""
     import json

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
-from data_prep.segment import check_window_fits_encoder
+from configs.window import check_window_fits_encoder
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder

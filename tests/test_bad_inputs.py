@@ -289,8 +289,8 @@ CONFIG_CASES = {
     "stride negative": (["data.stride=-1"], r"data\.stride \(-1\) must be >= 0"),
     "window past the encoder": (
         ["data.window=100000"],
-        r"data\.window \(100000\) \+ 2 special tokens exceeds retriever\.max_seq_length "
-        r"\(320\).*at most 318",
+        r"data\.window \(100000\) \+ 2 special tokens = 100002 tokens, but the retriever reads at most 320 "
+        r"\(retriever\.max_seq_length\).*at most 318",
     ),
     "dev fraction negative": (["data.dev_fraction=-0.1"], r"data\.dev_fraction \(-0\.1\) .* must be >= 0"),
     "fractions sum to 1": (["data.dev_fraction=0.5", "data.test_fraction=0.5"], r"sum to less than 1"),
