@@ -91,6 +91,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: `{key}` has an unsupported type {tp}")
 
 
+# Keys that are gone, with what replaced them. A config a person wrote is refused with the new name (a silent
+# alias would keep two names for one setting alive); a config the program saved (a checkpoint's config.yaml,
+# which lists every key of its day) loads with the retired key dropped.
+RETIRED = {
+    "app.max_question_chars": "lm.max_question_chars (one question-length limit for the demo and every command; "
+                              "its default is 1000 characters, the demo's was 500)",
+}
+
+
 def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, known, n=1)
@@ -98,17 +107,22 @@ def _unknown_key(key: str, known: list[str], source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key `{key}`{hint}")
 
 
-def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
+def _apply(obj: Any, updates: dict, prefix: str, source: str, saved: bool = False) -> None:
+    """Set `updates` on the (section) dataclass `obj`; `saved` drops RETIRED keys instead of refusing them."""
     hints = _hints(type(obj))
     for name, value in updates.items():
         key = f"{prefix}{name}"
+        if key in RETIRED:
+            if saved:
+                continue
+            raise ConfigError(f"{source}: `{key}` is retired; use {RETIRED[key]}")
         if name not in hints:
             raise _unknown_key(key, list(hints), source)
         tp = hints[name]
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: `{key}` is a section; give it as a mapping, not {value!r}")
-            _apply(getattr(obj, name), value, key + ".", source)
+            _apply(getattr(obj, name), value, key + ".", source, saved)
             continue
         value = _coerce(value, tp, key, source)
         choices = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("choices")
@@ -280,8 +294,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def config_from_dict(data: dict, source: str = "saved config") -> Config:
+    """A Config from a dict the program saved (to_dict, a checkpoint's config.yaml): keys it has retired since
+    are dropped (RETIRED), anything else unknown is refused as in load_config."""
     cfg = Config()
-    _apply(cfg, data, "", source)
+    _apply(cfg, data, "", source, saved=True)
     return cfg
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The one question-length limit (lm.max_question_chars): every command, the demo and `lm.PromptTemplate`'s
+# default read it from here. (The demo once had its own, app.max_question_chars; see configs.loader.RETIRED.)
+MAX_QUESTION_CHARS = 1000
+
 
 def opt(default, help: str, choices: tuple | None = None):
     """A dataclass field with help text (shown by `--help`) and optional allowed values."""
@@ -245,7 +249,11 @@ class LMConfig:
                      choices=("auto", "float32", "bfloat16", "float16"))
     autocast_bf16: bool = opt(False, "run the LM under bf16 autocast on CPU (AVX-512 bf16 machines)")
     max_new_tokens: int = opt(24, "answer length cap in tokens")
-    max_question_chars: int = opt(1000, "longer questions are refused with a clear error")
+    max_question_chars: int = opt(
+        MAX_QUESTION_CHARS,
+        "longest question in characters, for every command and the demo alike; longer ones are refused with a "
+        "clear error",
+    )
     system_prompt: str = opt("Answer the question with a short phrase.", "system message of the chat template")
 
 
@@ -388,7 +396,6 @@ class EvalConfig:
 class AppConfig:
     host: str = opt("127.0.0.1", "address the demo binds to (0.0.0.0 exposes it to the network)")
     port: int = opt(7860, "port of the demo")
-    max_question_chars: int = opt(500, "longest question the demo accepts")
     max_upload_mb: float = opt(2.0, "largest uploaded file")
     concurrency_limit: int = opt(2, "requests processed at once (the rest queue)")
     queue_size: int = opt(32, "requests waiting in the queue at most (more are refused with a message)")

@@ -62,7 +62,6 @@ def check_app_config(app) -> None:
         "max_top_k",
         "max_paste_chars",
         "max_upload_files",
-        "max_question_chars",
         "max_title_chars",
     ):
         value = getattr(app, key)
@@ -171,11 +170,11 @@ class DemoService:
         question = question.strip()
         if not question:
             raise UserError("type a question first")
-        limit = self.cfg.app.max_question_chars
+        limit = self.cfg.lm.max_question_chars  # the one limit; QASystem's prompt template checks it again
         if len(question) > limit:
             raise UserError(
                 f"the question has {len(question)} characters; the demo accepts at most {limit} "
-                "(app.max_question_chars)"
+                "(lm.max_question_chars)"
             )
         if mode is None or (isinstance(mode, str) and not mode.strip()):
             mode = self.default_mode
@@ -339,4 +338,4 @@ class DemoService:
             return []
         seen = list(dict.fromkeys(ex.question for ex in examples))
         step = max(1, len(seen) // n)  # spread over the split rather than the first few entities
-        return [q for q in seen[::step] if len(q) <= self.cfg.app.max_question_chars][:n]
+        return [q for q in seen[::step] if len(q) <= self.cfg.lm.max_question_chars][:n]

@@ -122,7 +122,7 @@ def build_ui(service: DemoService) -> gr.Blocks:
                 question = gr.Textbox(
                     label="Question",
                     lines=2,
-                    max_length=app.max_question_chars,
+                    max_length=service.cfg.lm.max_question_chars,
                     placeholder="Ask about the knowledge base…",
                     elem_id="question",
                 )

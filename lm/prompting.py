@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.errors import UserError
+from configs.schema import MAX_QUESTION_CHARS
 
 
 @dataclass
@@ -31,7 +32,7 @@ def check_question(question: str, max_chars: int, where: str = "") -> str:
 
 
 class PromptTemplate:
-    def __init__(self, tokenizer, system_prompt: str = "", max_question_chars: int = 1000):
+    def __init__(self, tokenizer, system_prompt: str = "", max_question_chars: int = MAX_QUESTION_CHARS):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_question_chars = max_question_chars

@@ -71,7 +71,7 @@ def build_tiny_demo(root: Path, checkpoint: bool = True) -> list[str]:
         "lm.max_new_tokens=6",
         "app.examples=3",
         "app.max_upload_mb=0.01",
-        "app.max_question_chars=200",
+        "lm.max_question_chars=200",
     ]
     cfg = load_config(None, overrides)
     write_toy_store(root / "run" / "store", docs, questions, _tokenizer_backend(Encoder.from_config(cfg)))

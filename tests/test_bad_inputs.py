@@ -630,7 +630,7 @@ QUESTION_ENDPOINT_CASES = {
     "oversized question": (
         ("q" * 201, None, None),
         r"the question has 201 characters; the demo accepts at most "
-        r"200 \(app\.max_question_chars\)",
+        r"200 \(lm\.max_question_chars\)",
     ),
     "unknown mode": (("Who?", "oracle", None), r"mode 'oracle' is not available here"),
     "top_k 0": (("Who?", None, 0), r"top_k must be a whole number from 1 to 10"),

@@ -90,6 +90,39 @@ def test_saved_config_round_trips(tmp_path):
     assert to_dict(config_from_dict(to_dict(cfg))) == to_dict(cfg)
 
 
+def test_retired_key_is_refused_naming_its_replacement(tmp_path):
+    """app.max_question_chars became lm.max_question_chars (issue 23: one question-length limit)."""
+    with pytest.raises(ConfigError, match=r"command line: `app\.max_question_chars` is retired; use "
+                                          r"lm\.max_question_chars"):
+        load_config(None, ["app.max_question_chars=200"])
+    path = tmp_path / "c.yaml"
+    path.write_text("app:\n  max_question_chars: 200\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: `app\.max_question_chars` is retired"):
+        load_config(path)
+
+
+def test_saved_config_with_a_retired_key_still_loads():
+    """A checkpoint's config.yaml lists every key of its day: the shipped model's has app.max_question_chars."""
+    import yaml
+
+    saved = REPO / "models" / "smollm2-135m-squad" / "dynamic_prefix@pfull" / "config.yaml"
+    data = yaml.safe_load(saved.read_text())
+    assert "max_question_chars" in data["app"]
+    cfg = config_from_dict(data, str(saved))
+    assert cfg.lm.max_question_chars == data["lm"]["max_question_chars"]
+    assert not hasattr(cfg.app, "max_question_chars")
+    with pytest.raises(ConfigError, match=r"unknown config key `app\.nonsense`"):
+        config_from_dict({"app": {"nonsense": 1}})
+
+
+def test_one_question_limit_defined_once():
+    from configs.schema import MAX_QUESTION_CHARS
+    from lm.prompting import PromptTemplate
+
+    assert load_config().lm.max_question_chars == MAX_QUESTION_CHARS
+    assert PromptTemplate.__init__.__defaults__[-1] == MAX_QUESTION_CHARS
+
+
 def test_every_key_has_help():
     missing = [key for key, _tp, _default, help_text, _choices in iter_keys() if not help_text]
     assert not missing
