@@ -203,7 +203,7 @@ def run(cfg, progress: bool = True) -> dict:
     from knowledge_encoder.backbones import build_backbone
     from qa.checkpoint import new_model
     from qa.prefix_source import PrefixSource
-    from qa.system import QASystem
+    from qa.system import QASettings, QASystem
 
     b = cfg.bench
     t_start = time.perf_counter()
@@ -245,8 +245,9 @@ def run(cfg, progress: bool = True) -> dict:
             cfg, lm, template, models, [h.segment_id for hs in hits for h in hs], progress
         )
 
-    online = QASystem(cfg, lm, tokenizer, None, models, {n: n for n in models})
-    stored = QASystem(cfg, lm, tokenizer, None, models, {n: n for n in models})
+    settings = QASettings.from_config(cfg)
+    online = QASystem(settings, lm, tokenizer, None, models, {n: n for n in models})
+    stored = QASystem(settings, lm, tokenizer, None, models, {n: n for n in models})
     stored.prefix_sources.update({name: PrefixSource(store=store) for name, store in stores.items()})
     kcfg = cfg.knowledge_encoder
     batchers = {

@@ -60,10 +60,15 @@ class FeatureCache:
     @classmethod
     def from_config(cls, backbone, cfg) -> FeatureCache:
         """`train.feature_cache_gb` of RAM, backed by `train.feature_disk_gb` of disk in run_dir/feature_cache."""
+        return cls.sized(backbone, cfg.run_dir, cfg.train.feature_cache_gb, cfg.train.feature_disk_gb)
+
+    @classmethod
+    def sized(cls, backbone, run_dir: Path | str, ram_gb: float, disk_gb: float) -> FeatureCache:
+        """`ram_gb` of RAM, backed by `disk_gb` of disk in run_dir/feature_cache (0 = RAM only)."""
         disk = None
-        if cfg.train.feature_disk_gb > 0:
-            disk = FeatureDisk(Path(cfg.run_dir) / "feature_cache", backbone, int(cfg.train.feature_disk_gb * (1 << 30)))
-        return cls(backbone, max_bytes=int(cfg.train.feature_cache_gb * (1 << 30)), disk=disk)
+        if disk_gb > 0:
+            disk = FeatureDisk(Path(run_dir) / "feature_cache", backbone, int(disk_gb * (1 << 30)))
+        return cls(backbone, max_bytes=int(ram_gb * (1 << 30)), disk=disk)
 
     @staticmethod
     def key(segment: TextSegment) -> str:

@@ -1,6 +1,6 @@
 """The QA system: question -> retrieve top-k -> encode (or read the prefix store) -> inject -> generate.
 
-    qa = QASystem.from_config(cfg, systems=["dynamic_prefix", "rag_text"])
+    qa = QASystem.from_config(cfg, systems=["dynamic_prefix", "rag_text"])   # or QASystem(QASettings(...), lm, ...)
     qa.answer(["Who founded Velmora Works?"], mode="dynamic_prefix") -> list[Prediction]
     qa.generate(questions) -> list[str]          # FlashRAG-style, in cfg.qa.mode
 
@@ -84,15 +84,54 @@ def checkpoint_name(system: SystemName, held: Sequence[str]) -> str:
     return system.trained_name
 
 
+@dataclass(frozen=True)
+class QASettings:
+    """The values answering reads from the config, and only those: QASystem never holds the Config itself.
+
+    `from_config` picks them from their sections (qa, retriever, lm, knowledge_encoder, eval, train); the
+    feature-cache budgets are training's (`train.feature_cache_gb`, `train.feature_disk_gb`) because the
+    cache in run_dir/feature_cache is shared by training, --resume and evaluation of a run.
+    """
+
+    run_dir: Path
+    mode: str  # qa.mode: the system `answer` uses when none is named
+    decoding: str  # qa.decoding: free | span
+    top_k: int  # retriever.top_k
+    retriever_model: str  # retriever.model, for the `retriever` knowledge-encoder backbone
+    batch_size: int  # eval.batch_size: questions per generation batch
+    max_new_tokens: int  # lm.max_new_tokens
+    system_prompt: str  # lm.system_prompt
+    max_question_chars: int  # lm.max_question_chars
+    prefix_store: str  # knowledge_encoder.prefix_store: all | cache | none
+    store_dtype: str  # knowledge_encoder.store_dtype (of the prefix cache)
+    prefix_cache_gb: float  # knowledge_encoder.prefix_cache_gb
+    feature_cache_gb: float  # train.feature_cache_gb (RAM)
+    feature_disk_gb: float  # train.feature_disk_gb (run_dir/feature_cache; 0 = RAM only)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> QASettings:
+        kcfg = cfg.knowledge_encoder
+        return cls(
+            run_dir=Path(cfg.run_dir), mode=cfg.qa.mode, decoding=cfg.qa.decoding, top_k=cfg.retriever.top_k,
+            retriever_model=cfg.retriever.model, batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.lm.max_new_tokens, system_prompt=cfg.lm.system_prompt,
+            max_question_chars=cfg.lm.max_question_chars, prefix_store=kcfg.prefix_store,
+            store_dtype=kcfg.store_dtype, prefix_cache_gb=kcfg.prefix_cache_gb,
+            feature_cache_gb=cfg.train.feature_cache_gb, feature_disk_gb=cfg.train.feature_disk_gb,
+        )
+
+
 class QASystem:
-    def __init__(self, cfg: Config, lm, tokenizer, retriever=None, models: dict[str, PrefixQAModel] | None = None,
-                 model_names: dict[str, str] | None = None):
-        self.cfg = cfg
+    def __init__(self, settings: QASettings, lm, tokenizer, retriever=None,
+                 models: dict[str, PrefixQAModel] | None = None, model_names: dict[str, str] | None = None):
+        if not isinstance(settings, QASettings):  # the old signature took the Config here
+            raise TypeError(f"QASystem takes QASettings (QASettings.from_config(cfg)), not {type(settings).__name__}")
+        self.settings = settings
         self.lm = lm
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.device = next(lm.parameters()).device
-        self.template = PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
+        self.template = PromptTemplate(tokenizer, settings.system_prompt, settings.max_question_chars)
         self.stop = StopTokens.for_tokenizer(tokenizer)
         self.models = models or {}
         self.model_names = model_names or {}  # system name -> key in self.models
@@ -121,7 +160,7 @@ class QASystem:
             feature_dims = {"lm_kv": None, "lm_layers": lm.config.hidden_size}
             models = load_models(directory, sorted(set(wanted.values())), lm, feature_dims, cfg.lm.model)
             model_names = wanted
-        qa = cls(cfg, lm, tokenizer, retriever, models, model_names)
+        qa = cls(QASettings.from_config(cfg), lm, tokenizer, retriever, models, model_names)
         if trained:
             qa.attach_prefix_stores(directory)
         return qa
@@ -135,26 +174,25 @@ class QASystem:
         from qa.checkpoint import encoder_sha256
         from qa.prefix_source import PrefixSource, prefix_cache_dir
 
-        kcfg = self.cfg.knowledge_encoder
-        if kcfg.prefix_store == "none":
+        s = self.settings
+        if s.prefix_store == "none":
             return
         for name, model in self.models.items():
             if model.encoder is None:
                 continue
-            if kcfg.prefix_store == "cache":
+            if s.prefix_store == "cache":
                 meta = {"system": name, "encoder_sha256": encoder_sha256(checkpoint, name),
-                        "encoder_config": to_dict(model.encoder.cfg), "dtype": kcfg.store_dtype,
+                        "encoder_config": to_dict(model.encoder.cfg), "dtype": s.store_dtype,
                         "next_position": model.encoder.next_position}
-                cache = PrefixCache(prefix_cache_dir(self.cfg.run_dir, name), meta,
-                                    int(kcfg.prefix_cache_gb * (1 << 30)))
+                cache = PrefixCache(prefix_cache_dir(s.run_dir, name), meta, int(s.prefix_cache_gb * (1 << 30)))
                 self.prefix_sources[name] = PrefixSource(cache=cache)
                 log.info("%s caches prefixes in %s (%d entries, %.1f MB)", name, cache.dir, len(cache),
                          cache.bytes / 1e6)
                 continue
-            directory = prefix_dir(self.cfg.run_dir, name)
+            directory = prefix_dir(s.run_dir, name)
             if not directory.is_dir():
                 continue
-            store_fp = SegmentStore.open(Path(self.cfg.run_dir) / "store").fingerprint
+            store_fp = SegmentStore.open(s.run_dir / "store").fingerprint
             store = PrefixStore.open(directory, encoder_sha256(checkpoint, name), store_fp)
             self.prefix_sources[name] = PrefixSource(store=store)
             log.info("%s reads precomputed prefixes from %s (%d segments)", name, directory, len(store))
@@ -187,10 +225,11 @@ class QASystem:
         kcfg = model.encoder.cfg
         key = feature_kind(kcfg)
         if key not in self._batchers:
-            backbone = build_backbone(kcfg, self.lm, self.template, self.cfg.retriever.model, self.device)
+            s = self.settings
+            backbone = build_backbone(kcfg, self.lm, self.template, s.retriever_model, self.device)
             # Sized like training's cache: an evaluation runs system after system over the same segments,
             # and an LRU smaller than their features would recompute every one of them for every system.
-            cache = FeatureCache.from_config(backbone, self.cfg)
+            cache = FeatureCache.sized(backbone, s.run_dir, s.feature_cache_gb, s.feature_disk_gb)
             self._batchers[key] = Batcher(self.template, cache, self.device)
         return self._batchers[key]
 
@@ -221,12 +260,13 @@ class QASystem:
 
         `on_token(i, text_so_far)` streams the answer of question i as it is generated.
         """
-        system = parse_system(mode or self.cfg.qa.mode)
+        s = self.settings
+        system = parse_system(mode or s.mode)
         model = self.model_for(system)
         for q in questions:
             self.template.check_question(q)
-        k = top_k or self.cfg.retriever.top_k
-        batch_size = batch_size or self.cfg.eval.batch_size
+        k = top_k or s.top_k
+        batch_size = batch_size or s.batch_size
         out: list[Prediction] = []
         for start in range(0, len(questions), batch_size):
             chunk = list(questions[start:start + batch_size])
@@ -243,11 +283,11 @@ class QASystem:
             t2 = time.perf_counter()
             stream = None if on_token is None else _Streamer(self.tokenizer, on_token, start, len(chunk))
             choose = None
-            if self.cfg.qa.decoding == "span" and system.kind.retrieves:
+            if s.decoding == "span" and system.kind.retrieves:
                 texts = [[f"{h.title}\n{h.text}" for h in hs] for hs in chunk_hits]
                 choose = SpanConstraint(self.tokenizer, texts, self.stop)
             generated = greedy_generate(self.lm, batch.input_ids, batch.attention_mask, prefix, self.stop,
-                                        self.cfg.lm.max_new_tokens, on_token=stream, choose=choose)
+                                        s.max_new_tokens, on_token=stream, choose=choose)
             t3 = time.perf_counter()
             n = len(chunk)
             timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1) * 1e3 / n,

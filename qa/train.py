@@ -45,7 +45,7 @@ from qa.batching import Batcher, FeatureCache
 from qa.checkpoint import init_encoder_from, new_model, save_checkpoint
 from qa.joint_retriever import JointRetriever, candidate_logprobs, check_joint_config, marginal_nll
 from qa.retrieval_cache import cached_hits
-from qa.system import QASystem
+from qa.system import QASettings, QASystem
 from qa.systems import parse_systems
 from qa.training_data import BatchOrder, ExampleStats, make_examples, sample_dev
 from retriever.search import Hit
@@ -267,7 +267,8 @@ class Trainer:
         if not self.dev_examples:
             return {}
         unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.models.items()}
-        qa = QASystem(self.cfg, self.lm, self.tokenizer, None, unwrapped, {n: n for n in unwrapped})
+        qa = QASystem(QASettings.from_config(self.cfg), self.lm, self.tokenizer, None, unwrapped,
+                      {n: n for n in unwrapped})
         qa._batchers[feature_kind(self.cfg.knowledge_encoder)] = self.batcher
         out = {}
         for name, model in unwrapped.items():

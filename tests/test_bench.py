@@ -288,7 +288,7 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     from qa.batching import Batcher, Example
     from qa.checkpoint import encoder_sha256, new_model
     from qa.prefix_source import PrefixSource
-    from qa.system import QASystem
+    from qa.system import QASettings, QASystem
     from qa.systems import parse_system
 
     r = latency  # the section built the prefix store for its questions
@@ -307,7 +307,8 @@ def test_precomputed_prefix_equals_online_prefix(tiny, latency):
     example = [Example("Who leads it?", [TextSegment(seg.title, seg.text)], [0])]
     kcfg = tiny.knowledge_encoder
     backbone = build_backbone(kcfg, lm, template, tiny.retriever.model, "cpu")
-    qa = QASystem(tiny, lm, tok, None, {"dynamic_prefix": model}, {"dynamic_prefix": "dynamic_prefix"})
+    qa = QASystem(QASettings.from_config(tiny), lm, tok, None, {"dynamic_prefix": model},
+                  {"dynamic_prefix": "dynamic_prefix"})
     _, online = qa.prepare(
         system, model, example, Batcher(template, qa_latency.FreshFeatures(backbone), "cpu")
     )
