@@ -38,7 +38,6 @@ Other commands use the service with `retriever.service_url=http://HOST:PORT` (re
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -113,17 +112,6 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-def hit_dict(hit) -> dict:
-    return {
-        "id": int(hit.segment_id),
-        "segment_id": int(hit.segment_id),
-        "doc_id": hit.doc_id,
-        "title": hit.title,
-        "text": hit.text,
-        "score": float(hit.score),
-    }
 
 
 class SearchBatcher:
@@ -207,98 +195,16 @@ class SearchBatcher:
 
 def create_app(retriever, serve, default_top_k: int = 5):
     """The FastAPI app over an open Retriever, with the limits of `serve` (a ServeConfig)."""
-    from typing import Annotated
-
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
+
+    # Imported here, as fastapi is: a process that only imports this module (its client, tests) skips pydantic.
+    from retriever.serve_models import hit_dict, request_models
 
     check_serve_config(serve)
     dim = retriever.encoder.dim
-    Question = Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=serve.max_question_chars)
-    ]
-    TopK = Annotated[
-        int, Field(ge=1, le=serve.max_top_k, description=f"segments per question, 1 to {serve.max_top_k}")
-    ]
-
-    class HitOut(BaseModel):
-        id: int = Field(description="the segment id (the index's id; same as segment_id)")
-        segment_id: int
-        doc_id: str
-        title: str
-        text: str
-        score: float = Field(description="index score, higher is better")
-
-    class SearchIn(BaseModel):
-        question: Question
-        top_k: TopK = default_top_k
-
-    class SearchOut(BaseModel):
-        hits: list[HitOut]
-
-    class BatchIn(BaseModel):
-        questions: list[Question] | None = Field(None, max_length=serve.max_questions)
-        vectors: list[list[float]] | None = Field(
-            None,
-            max_length=serve.max_questions,
-            description=f"raw query embeddings ({dim} floats each), dense only",
-        )
-        top_k: TopK = default_top_k
-
-        @model_validator(mode="after")
-        def one_kind(self):
-            if (self.questions is None) == (self.vectors is None):
-                raise ValueError("give either `questions` or `vectors`")
-            if self.vectors is not None:
-                for i, v in enumerate(self.vectors):
-                    if len(v) != dim:
-                        raise ValueError(f"vector {i} has {len(v)} values; the encoder's dimension is {dim}")
-                    if not all(math.isfinite(x) for x in v):
-                        raise ValueError(f"vector {i} holds a non-finite value")
-            return self
-
-    class BatchOut(BaseModel):
-        hits: list[list[HitOut]]
-
-    class DocumentIn(BaseModel):
-        id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-        text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-        title: str | None = None
-
-    class AddIn(BaseModel):
-        documents: list[DocumentIn] = Field(min_length=1, max_length=serve.max_documents)
-
-    class AddOut(BaseModel):
-        added: int
-        segments: int
-        segment_ids: list[int]
-        total_segments: int
-
-    class RemoveIn(BaseModel):
-        doc_ids: list[str] = []
-        segment_ids: list[int] = []
-
-        @field_validator("doc_ids")
-        @classmethod
-        def non_empty_ids(cls, v):
-            if any(not d.strip() for d in v):
-                raise ValueError("document ids must be non-empty")
-            return v
-
-        @model_validator(mode="after")
-        def something(self):
-            if not self.doc_ids and not self.segment_ids:
-                raise ValueError("give `doc_ids` and/or `segment_ids` to remove")
-            return self
-
-    class RemoveOut(BaseModel):
-        removed: int
-        total_segments: int
-
-    class SegmentsIn(BaseModel):
-        ids: list[int] = Field(max_length=max(serve.max_questions * serve.max_top_k, 1000))
+    api = request_models(serve, dim, default_top_k)  # the request/response models, limits filled in
 
     batcher = SearchBatcher(retriever, serve.max_questions) if serve.coalesce else None
 
@@ -341,16 +247,16 @@ def create_app(retriever, serve, default_top_k: int = 5):
             parts.append(f"{where}: {msg}" if where else msg)
         return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
 
-    @app.post("/search", response_model=SearchOut, summary="top-k segments for one question")
-    def search(req: SearchIn):
+    @app.post("/search", response_model=api.SearchOut, summary="top-k segments for one question")
+    def search(req: api.SearchIn):
         return {"hits": [hit_dict(h) for h in find([req.question], req.top_k)[0]]}
 
     @app.post(
         "/batch_search",
-        response_model=BatchOut,
+        response_model=api.BatchOut,
         summary="top-k segments for many questions (or raw query vectors)",
     )
-    def batch_search(req: BatchIn):
+    def batch_search(req: api.BatchIn):
         if req.vectors is not None:
             import numpy as np
 
@@ -362,8 +268,8 @@ def create_app(retriever, serve, default_top_k: int = 5):
             hits = find(req.questions, req.top_k) if req.questions else []
         return {"hits": [[hit_dict(h) for h in row] for row in hits]}
 
-    @app.post("/add", response_model=AddOut, summary="segment, embed and index new documents (all or none)")
-    def add(req: AddIn):
+    @app.post("/add", response_model=api.AddOut, summary="segment, embed and index new documents (all or none)")
+    def add(req: api.AddIn):
         from data_prep.records import Document
 
         docs = [Document(id=d.id, title=(d.title or "").strip() or d.id, text=d.text) for d in req.documents]
@@ -375,15 +281,15 @@ def create_app(retriever, serve, default_top_k: int = 5):
             "total_segments": len(retriever),
         }
 
-    @app.post("/remove", response_model=RemoveOut, summary="remove documents (by doc id) or segments (by id)")
-    def remove(req: RemoveIn):
+    @app.post("/remove", response_model=api.RemoveOut, summary="remove documents (by doc id) or segments (by id)")
+    def remove(req: api.RemoveIn):
         removed = retriever.remove_documents(req.doc_ids) if req.doc_ids else 0
         if req.segment_ids:
             removed += retriever.remove_segments(req.segment_ids)
         return {"removed": removed, "total_segments": len(retriever)}
 
     @app.post("/segments", summary="segments by id (built or live; unknown ids are left out)")
-    def segments(req: SegmentsIn):
+    def segments(req: api.SegmentsIn):
         import dataclasses
 
         found = retriever.segments(req.ids)
