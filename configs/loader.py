@@ -191,6 +191,7 @@ _MINIMUMS = (
     ("index", "train_sample", 0, "0 = automatic"),
     ("lm", "max_new_tokens", 1, ""),
     ("lm", "max_question_chars", 1, ""),
+    ("knowledge_encoder", "store_shard_rows", 0, "0 = automatic"),
 )
 
 
