@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common.faults import fault_point
+
 
 def _tmp_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -70,6 +72,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"atomic_write.{path.name}.ready")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -96,10 +99,12 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point(f"atomic_dir.{path.name}.ready")
     old = None
     if path.exists():
         old = _tmp_sibling(path, "old")
         os.replace(path, old)
+        fault_point(f"atomic_dir.{path.name}.swapped")
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -208,6 +208,7 @@ _MINIMUMS = (
     ("index", "milvus_hnsw_ef", 1, ""),
     ("lm", "max_new_tokens", 1, ""),
     ("lm", "max_question_chars", 1, ""),
+    ("knowledge_encoder", "store_shard_rows", 0, "0 = automatic"),
 )
 
 

@@ -231,6 +231,8 @@ class KnowledgeEncoderConfig:
         choices=("float16", "bfloat16", "float32", "int8"),
     )
     batch_size: int = opt(16, "segments per batch in precompute")
+    store_shard_rows: int = opt(0, "prefixes per prefix-store shard, the unit of resume of precompute "
+                                   "(0 = 256 compressed or 32 full-length prefixes)")
     prefix_store: str = opt(
         "all",
         "where serving (qa.answer, eval.run, the app) gets segment prefixes: `all` = the store that "

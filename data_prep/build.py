@@ -42,6 +42,7 @@ from pathlib import Path
 
 from common.atomic import clean_leftovers, fingerprint
 from common.errors import UserError
+from common.faults import fault_point
 from configs.cli import build_parser, parse, run_main
 from configs.schema import Config
 from configs.window import check_window_fits_encoder
@@ -283,6 +284,7 @@ def build_store(cfg: Config, force: bool = False, progress: bool = True) -> Buil
                 seg_id += 1
             if wanted is None or doc.id in wanted:
                 doc_index[doc.id] = (title, first, seg_id - first)
+            fault_point("build.document")
             if n_docs % 1000 == 0:
                 _advance(bar, use_bytes, stats, n_docs, seg_id, last_bytes)
                 last_bytes = stats.bytes_read

@@ -58,6 +58,7 @@ import pyarrow as pa
 
 from common.atomic import atomic_dir, fingerprint
 from common.errors import UserError
+from common.faults import fault_point
 from common.integrity import hash_files, verify_file
 from data_prep.records import QAExample, Segment
 from data_prep.split import SPLITS
@@ -387,6 +388,7 @@ class StoreWriter:
         if self._writer is None:
             raise RuntimeError("StoreWriter.close_segments outside its `with` block or called twice")
         self._close_segment_file()
+        fault_point("store.segments_closed")
         mmap = pa.memory_map(str(self._tmp / SEGMENTS_FILE), "r")
         return SegmentStore(
             self._tmp, {"counts": {"segments": self.n_segments}}, pa.ipc.open_file(mmap), mmap

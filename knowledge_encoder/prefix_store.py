@@ -23,8 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_json, clean_leftovers
 from common.errors import UserError
+from common.faults import fault_point
 from common.integrity import file_ok, sha256_file, verify_once
 from knowledge_encoder import prefix_codec
 from lm.prefix import Prefix
@@ -38,6 +39,17 @@ REBUILD = "rerun `python -m qa.precompute --config C` to compute it again"
 def prefix_dir(run_dir: Path | str, system: str) -> Path:
     """Where the prefix store of `system` lives in a run: run_dir/prefixes/<system>/."""
     return Path(run_dir) / "prefixes" / system
+
+
+def _read_manifest(path: Path) -> dict:
+    """A prefix store's manifest; a truncated or damaged one is refused with a UserError naming it."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt prefix store manifest ({err}); delete {path.parent} and {REBUILD}") from err
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a prefix store manifest; delete {path.parent} and {REBUILD}")
+    return manifest
 
 
 def shard_name(index: int) -> str:
@@ -56,17 +68,21 @@ class PrefixStoreWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
         path = self.dir / MANIFEST
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if any(old.get(k) != v for k, v in meta.items()):
-                # Another encoder or store: start over rather than mix prefixes of two models.
-                for f in self.dir.glob("shard-*.safetensors"):
-                    f.unlink()
-                old = None
-        else:
-            old = None
-        self.manifest = old or {**meta, "dtype": dtype, "shards": [], "complete": False, "count": 0}
-        if old is not None:
+        # What a killed run left: its manifest's temp file, a shard's temp file (a shard renamed into place but
+        # not listed yet is overwritten by the next shard of the same name).
+        clean_leftovers(path)
+        for f in self.dir.glob(".shard-*.safetensors.tmp"):
+            f.unlink()
+        old = _read_manifest(path) if path.is_file() else None
+        self.manifest = {**meta, "dtype": dtype, "shards": [], "complete": False, "count": 0}
+        if old is not None and any(old.get(k) != v for k, v in meta.items()):
+            # Another encoder or store: start over rather than mix prefixes of two models. The empty manifest
+            # goes first, so a kill while the shards are deleted never leaves one that lists them.
+            atomic_write_json(path, self.manifest)
+            for f in self.dir.glob("shard-*.safetensors"):
+                f.unlink()
+        elif old is not None:
+            self.manifest = old
             self._drop_damaged()
 
     def _drop_damaged(self) -> None:
@@ -99,11 +115,13 @@ class PrefixStoreWriter:
         save_file(tensors, str(tmp))
         digest = sha256_file(tmp)
         tmp.replace(self.dir / name)
+        fault_point("prefix_store.shard_file")
         self.manifest["shards"].append(
             {"file": name, "count": len(ids), "slots": int(tensors["mask"].shape[1]), "sha256": digest}
         )
         self.manifest["count"] += len(ids)
         atomic_write_json(self.dir / MANIFEST, self.manifest)
+        fault_point("prefix_store.shard_listed")
 
     def finish(self) -> None:
         self.manifest["complete"] = True
@@ -149,7 +167,7 @@ class PrefixStore:
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise UserError(f"no prefix store at {directory}; run `python -m qa.precompute --config C`")
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         if manifest.get("encoder_sha256") != encoder_sha256:
             raise UserError(f"the prefix store {directory} was computed by another knowledge encoder checkpoint; "
                             "rerun `python -m qa.precompute --config C`")

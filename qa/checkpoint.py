@@ -174,7 +174,13 @@ def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise UserError(f"{directory} is not a checkpoint (no {MANIFEST}); train one with `python -m qa.train`")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt checkpoint manifest ({err}); {_rebuild_hint(directory)}") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("systems"), dict):
+        raise UserError(f"{path}: not a checkpoint manifest; {_rebuild_hint(directory)}")
+    return manifest
 
 
 def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, int | None] | None = None,

@@ -68,7 +68,7 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
             report[name] = {"segments": writer.manifest["count"], "seconds": 0.0, "skipped": True}
             continue
         t0 = time.perf_counter()
-        _fill(writer, store, backbone, model.encoder, cfg.knowledge_encoder.batch_size, device, progress, name)
+        _fill(writer, store, backbone, model.encoder, cfg.knowledge_encoder, device, progress, name)
         writer.finish()
         seconds = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in out.glob("shard-*.safetensors"))
@@ -78,11 +78,13 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
     return report
 
 
-def _fill(writer: PrefixStoreWriter, store: SegmentStore, backbone, encoder, batch_size: int, device,
+def _fill(writer: PrefixStoreWriter, store: SegmentStore, backbone, encoder, kcfg, device,
           progress: bool, name: str) -> None:
-    """Encode every segment not yet in the store, in shards of ~256 compressed (32 full-length) prefixes."""
+    """Encode every segment not yet in the store, in shards of ~256 compressed (32 full-length) prefixes
+    (`knowledge_encoder.store_shard_rows`), cut at batch boundaries, so a resumed run makes the same shards."""
     done = writer.done_ids()
-    shard_rows = 256 if encoder.slots else 32
+    batch_size = kcfg.batch_size
+    shard_rows = kcfg.store_shard_rows or (256 if encoder.slots else 32)
     pending_ids: list[int] = []
     pending: list[Prefix] = []
     bar = tqdm(total=len(store), initial=len(done), desc=f"prefixes {name}", unit="seg", disable=not progress)

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common.atomic import atomic_dir, atomic_write_json
+from common.atomic import atomic_dir, atomic_write_json, atomic_write_text, clean_leftovers
 from common.errors import UserError
+from common.faults import fault_point
 from configs.cli import build_parser, parse, run_main
 from configs.loader import save_config
 from configs.models import load_lm
@@ -144,6 +145,17 @@ class Trainer:
         self.joint_prior_on_best: dict[str, float] = {}  # mean p(z|x) of the reader's favourite candidate
         if resume:
             self._resume()
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        """Drop the log records of steps after the one training starts from: a run killed after its last saved
+        state logged steps that the resumed run does again (and a fresh start logs from step 1)."""
+        if not self.acc.is_main_process or not self.log_path.is_file():
+            return
+        lines = self.log_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(keep) != len(lines):
+            atomic_write_text(self.log_path, "".join(keep))
 
     def _setup_joint(self) -> None:
         """The trainable retriever, its optimizer and schedule (prepared after the systems' for load_state)."""
@@ -300,6 +312,7 @@ class Trainer:
                      "train_seconds": self.seconds,
                      "retriever_index_sha256": self.retriever.manifest.get("sha256") if self.retriever else None}
             save_checkpoint(target, models, self.cfg, self.lm.config, extra, retriever=self.joint)
+            fault_point("train.checkpoint_saved")
         state_dir = self.ckpt_dir / "state"
         if self.acc.is_main_process:
             with atomic_dir(state_dir) as tmp:
@@ -314,6 +327,9 @@ class Trainer:
 
     def _resume(self) -> None:
         state_dir = self.ckpt_dir / "state"
+        # A job killed between the two renames that replace the state left it only as `.state.old-PID-*`:
+        # put it back, or --resume would start again from step 0.
+        clean_leftovers(state_dir)
         meta = state_dir / "trainer_state.json"
         if not meta.is_file():
             log.info("--resume: no saved state in %s, starting from step 0", state_dir)
@@ -341,6 +357,7 @@ class Trainer:
         last = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
         while self.step < last:
             losses = self.train_step()
+            fault_point("train.step")
             per_step = (time.perf_counter() - t_start) / (self.step - start_step)
             examples_per_s = cfg.batch_size * self.acc.num_processes / per_step
             bar.update(1)

@@ -208,7 +208,12 @@ class BM25Index:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise UserError(f"{path}: no BM25 index (manifest.json missing)")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{manifest_path}: corrupt BM25 manifest ({e}); delete {path} to rebuild it") from e
+        if not isinstance(manifest, dict):
+            raise UserError(f"{manifest_path}: not a BM25 manifest; delete {path} to rebuild it")
         if manifest.get("format") != BM25_FORMAT:
             raise UserError(
                 f"{path}: BM25 index format {manifest.get('format')!r}, this version reads {BM25_FORMAT}"

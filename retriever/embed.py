@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.atomic import atomic_write_json
+from common.atomic import atomic_write_json, clean_leftovers
 from common.errors import UserError
+from common.faults import fault_point
 from common.integrity import file_ok, sha256_file, verify_once
 from data_prep.store import SegmentStore, segment_input_text
 
@@ -129,6 +130,7 @@ def embed_store(
             out_dir,
         )
     _clean(out_dir, keep={name for s in done.values() for name in (s["file"], s["ids_file"])})
+    clean_leftovers(out_dir / MANIFEST_FILE)  # the temp file of a manifest write that was killed
     # The manifest now lists exactly what is on disk (a stale `complete` one never survives a restart).
     _write_manifest(out_dir, settings, done, complete=len(done) == n_shards, rate=None)
 
@@ -168,6 +170,7 @@ def embed_store(
             matrix.flush()
             del matrix
             os.replace(tmp, out_dir / vec_name)
+            fault_point("embed.shard_file")
             np.save(out_dir / ids_name, np.ascontiguousarray(all_ids[start : start + count], dtype=np.int64))
             done[i] = {
                 "index": i,
@@ -179,6 +182,7 @@ def embed_store(
                 "ids_sha256": sha256_file(out_dir / ids_name),
             }
             _write_manifest(out_dir, settings, done, complete=len(done) == n_shards, rate=None)
+            fault_point("embed.shard_listed")
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0

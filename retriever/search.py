@@ -35,8 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from common.atomic import atomic_dir
+from common.atomic import atomic_dir, clean_leftovers
 from common.errors import UserError
+from common.faults import fault_point
 from common.integrity import hash_files, verify_file
 from data_prep.records import Document, Segment
 from data_prep.store import SegmentStore, segment_input_text
@@ -279,7 +280,9 @@ class Retriever:
                 self._live_segments[seg.segment_id] = seg
                 self._live_vectors[seg.segment_id] = vec
             self._next_id = int(new_ids.max()) + 1
+            fault_point("live.added")
             self._save_live()
+            fault_point("live.saved")
         log.info(
             "added %d documents (%d segments, ids %d..%d)",
             len(docs),
@@ -382,6 +385,9 @@ class Retriever:
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     def _load_live(self) -> None:
+        # A process killed between the two renames that replace the delta left it only as `.live.old-PID-*`:
+        # put it back, or it would be missed here and overwritten by the next change (documents lost).
+        clean_leftovers(self.live_dir)
         path = self.live_dir / "manifest.json"
         if not path.is_file():
             return

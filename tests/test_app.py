@@ -495,3 +495,18 @@ def test_add_checks_every_input_before_adding_anything(clean_index, tmp_path):
     (tmp_path / "isle.txt").write_text(OTHER, encoding="utf-8")
     message, segments = service.add(EXTRA, "Quorn", [str(tmp_path / "isle.txt")])
     assert "Added 2 document(s)" in message and [s.title for s in segments] == ["Quorn", "isle"]
+
+
+def test_demo_load_check_counts_answers_and_errors(served, clean_index):
+    """bench.demo_load drives /answer over raw HTTP as gradio_client does: answers counted, refusals as errors."""
+    from bench.demo_load import run_load
+    from bench.load import table
+
+    url, _ = served
+    rows = run_load(url, ["Who leads Quorn?", "What is the capital of Quorn?"], [1, 2], requests=3,
+                    mode="rag_text", top_k=2, warmup=1)
+    assert [(r["clients"], r["ok"], r["errors"]) for r in rows] == [(1, 3, 0), (2, 3, 0)]
+    assert all(r["qps"] > 0 and r["p50_ms"] <= r["p95_ms"] for r in rows)
+    bad = run_load(url, ["Who?"], [2], requests=2, mode="nope", top_k=2)[0]  # a mode the demo does not serve
+    assert bad["ok"] == 0 and bad["error_kinds"] == {"gradio error": 2}
+    assert "| clients | requests | errors | answers/s |" in table(rows, per="answers/s")

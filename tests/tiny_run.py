@@ -9,23 +9,14 @@ from configs.loader import load_config
 from tests.conftest import make_tiny_llama
 
 
-def make_tiny_run(root: Path, tokenizer, n_entities: int = 30, overrides: tuple[str, ...] = ()):
-    """Returns a Config whose run_dir holds store/ and index/, with lm.model a saved tiny random LLaMA."""
-    from data_prep.build import build_store
-    from retriever.index import build_index
-    from retriever.testing import make_tiny_encoder, words_of
-
+def tiny_overrides(root: Path, n_entities: int = 30, overrides: tuple[str, ...] = ()) -> list[str]:
+    """The config overrides of a tiny run under `root` (also what tests pass to the commands as subprocesses)."""
     root = Path(root)
-    lm_dir = root / "tiny-llama"
-    if not (lm_dir / "config.json").is_file():
-        # A wider init than the default 0.02 gives logits a prefix can move (near-uniform logits cannot learn).
-        make_tiny_llama(len(tokenizer), initializer_range=0.2).save_pretrained(lm_dir)
-        tokenizer.save_pretrained(lm_dir)
-    cfg = load_config(None, [
+    return [
         f"run_dir={root / 'run'}",
         f"data.synthetic.n_entities={n_entities}",
         "data.num_workers=1",
-        f"lm.model={lm_dir}",
+        f"lm.model={root / 'tiny-llama'}",
         "lm.max_new_tokens=4",
         "index.factory=Flat",
         "knowledge_encoder.max_segment_tokens=96",
@@ -39,7 +30,22 @@ def make_tiny_run(root: Path, tokenizer, n_entities: int = 30, overrides: tuple[
         "train.warmup_steps=1",
         "eval.batch_size=4",
         *overrides,
-    ])
+    ]
+
+
+def make_tiny_run(root: Path, tokenizer, n_entities: int = 30, overrides: tuple[str, ...] = ()):
+    """Returns a Config whose run_dir holds store/ and index/, with lm.model a saved tiny random LLaMA."""
+    from data_prep.build import build_store
+    from retriever.index import build_index
+    from retriever.testing import make_tiny_encoder, words_of
+
+    root = Path(root)
+    lm_dir = root / "tiny-llama"
+    if not (lm_dir / "config.json").is_file():
+        # A wider init than the default 0.02 gives logits a prefix can move (near-uniform logits cannot learn).
+        make_tiny_llama(len(tokenizer), initializer_range=0.2).save_pretrained(lm_dir)
+        tokenizer.save_pretrained(lm_dir)
+    cfg = load_config(None, tiny_overrides(root, n_entities, overrides))
     build_store(cfg, progress=False)
     enc_dir = root / "tiny-encoder"
     if not enc_dir.is_dir():
