@@ -94,3 +94,16 @@ def hash_files(directory: Path | str, names: list[str]) -> dict[str, str]:
     """{name: sha256} of files in `directory` (for a manifest, right after they were written)."""
     directory = Path(directory)
     return {name: sha256_file(directory / name) for name in names if os.path.isfile(directory / name)}
+
+
+def hash_tree(directory: Path | str, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """{relative path: sha256} of every file under `directory` but `skip` (a saved training state's files)."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.relative_to(directory).as_posix() not in skip}
+
+
+def verify_tree(directory: Path | str, hashes: dict[str, str] | None, rebuild: str) -> None:
+    """Refuse a folder written with `hash_tree` unless every listed file matches (None: saved without hashes)."""
+    for name, expected in (hashes or {}).items():
+        verify_file(Path(directory) / name, expected, rebuild)

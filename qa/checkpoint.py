@@ -137,6 +137,22 @@ def saved_encoder_config(saved: dict) -> KnowledgeEncoderConfig:
     return KnowledgeEncoderConfig(**{**LEGACY_ENCODER_KEYS, **saved})
 
 
+STATE_REBUILD = ("the saved training state is damaged: delete its folder and train again without --resume, or "
+                 "start from a saved step-N checkpoint with train.init_from")
+
+
+def read_state_meta(path: Path) -> dict:
+    """The JSON beside a saved training state (trainer_state.json, pretrainer_state.json); a damaged one is
+    refused with a UserError, never loaded half."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable ({err}); {STATE_REBUILD}") from err
+    if not isinstance(saved, dict) or "step" not in saved:
+        raise UserError(f"{path}: not a training state; {STATE_REBUILD}")
+    return saved
+
+
 def weights_sha256(sub: Path) -> dict[str, str]:
     """{file: sha256} of a system folder's weights (what its manifest entry records as `sha256`)."""
     return {p.name: sha256_file(p) for p in sorted(Path(sub).glob("*.safetensors"))}

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_dir, atomic_write_json
 from common.errors import UserError
+from common.integrity import hash_tree, verify_tree
 from configs.cli import build_parser, parse, run_main
 from configs.models import load_lm
 from configs.schema import Config
@@ -40,7 +41,7 @@ from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
 from qa.batching import FeatureCache, left_pad
-from qa.checkpoint import init_encoder_from, new_model, save_checkpoint
+from qa.checkpoint import STATE_REBUILD, init_encoder_from, new_model, read_state_meta, save_checkpoint
 from qa.systems import parse_system
 from qa.train import lr_lambda, param_groups
 
@@ -189,7 +190,8 @@ class Pretrainer:
             with atomic_dir(self.out_dir / "state") as tmp:
                 self.acc.save_state(str(tmp), safe_serialization=True)
                 atomic_write_json(tmp / "pretrainer_state.json",
-                                  {"step": self.step, "seconds": self.seconds, "system": str(self.system)})
+                                  {"step": self.step, "seconds": self.seconds, "system": str(self.system),
+                                   "sha256": hash_tree(tmp)})
         return target
 
     def _resume(self) -> None:
@@ -197,10 +199,11 @@ class Pretrainer:
         if not meta.is_file():
             log.info("--resume: no saved state in %s, starting from step 0", meta.parent)
             return
-        saved = json.loads(meta.read_text())
+        saved = read_state_meta(meta)
         if saved["system"] != str(self.system):
             raise UserError(f"--resume: the saved state pretrained {saved['system']}, pretrain.system is "
                             f"{self.system}; use the same system or a new run_dir")
+        verify_tree(meta.parent, saved.get("sha256"), STATE_REBUILD)
         self.acc.load_state(str(meta.parent))
         self.step, self.seconds = saved["step"], saved["seconds"]
         log.info("resumed at step %d", self.step)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from common.atomic import atomic_dir, atomic_write_json, atomic_write_text, clean_leftovers
 from common.errors import UserError
 from common.faults import fault_point
+from common.integrity import hash_tree, verify_tree
 from configs.cli import build_parser, parse, run_main
 from configs.loader import save_config
 from configs.models import load_lm
@@ -43,7 +44,7 @@ from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone, feature_kind
 from lm.prompting import PromptTemplate
 from qa.batching import Batcher, FeatureCache
-from qa.checkpoint import init_encoder_from, new_model, save_checkpoint
+from qa.checkpoint import STATE_REBUILD, init_encoder_from, new_model, read_state_meta, save_checkpoint
 from qa.joint_retriever import JointRetriever, candidate_logprobs, check_joint_config, marginal_nll
 from qa.retrieval_cache import cached_hits
 from qa.system import QASettings, QASystem
@@ -321,7 +322,8 @@ class Trainer:
                     self.joint.save_state(tmp)
                 atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "seconds": self.seconds,
                                                                "systems": list(self.models),
-                                                               "joint_retriever": self.joint is not None})
+                                                               "joint_retriever": self.joint is not None,
+                                                               "sha256": hash_tree(tmp)})
         self.acc.wait_for_everyone()
         return target
 
@@ -334,13 +336,14 @@ class Trainer:
         if not meta.is_file():
             log.info("--resume: no saved state in %s, starting from step 0", state_dir)
             return
-        saved = json.loads(meta.read_text())
+        saved = read_state_meta(meta)
         if saved["systems"] != list(self.models):
             raise UserError(f"--resume: the saved state trained {saved['systems']}, the config asks for "
                             f"{list(self.models)}; use the same train.systems or a new run_dir")
         if saved.get("joint_retriever", False) != (self.joint is not None):
             raise UserError(f"--resume: the saved state was trained with train.joint_retriever="
                             f"{str(saved.get('joint_retriever', False)).lower()}; use the same setting or a new run_dir")
+        verify_tree(state_dir, saved.get("sha256"), STATE_REBUILD)
         self.acc.load_state(str(state_dir))
         if self.joint is not None:
             self.joint.load_state(state_dir)

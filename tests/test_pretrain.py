@@ -129,3 +129,21 @@ def test_pretrain_refuses_a_full_length_system_and_bad_fractions(tiny_cfg, tmp_p
         pretrain_main(args(tiny_cfg, run, "pretrain.context_fraction=[0.9,0.2]"))
     with pytest.raises(UserError, match="dynamic_prefix"):
         pretrain_main(args(tiny_cfg, run, "pretrain.system=rag_text_tuned"))
+
+
+def test_resume_refuses_a_damaged_training_state(tiny_cfg, tmp_path):
+    """Regression: a flipped byte in a saved optimizer/model state was loaded by --resume without a word."""
+    run = share(tiny_cfg, tmp_path / "g")
+    pretrain_main(args(tiny_cfg, run, "pretrain.max_steps=4", "pretrain.stop_at_step=2", "pretrain.save_every=2"))
+    state = run / "pretrain" / "state"
+    saved = json.loads((state / "pretrainer_state.json").read_text())
+    assert saved["sha256"] and "pretrainer_state.json" not in saved["sha256"]
+    victim = state / sorted(name for name in saved["sha256"] if name.endswith(".safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="training state is damaged"):
+        pretrain_main(args(tiny_cfg, run, "pretrain.max_steps=4", "pretrain.save_every=2") + ["--resume"])
+    (state / "pretrainer_state.json").write_text('{"step": 2, "sec')
+    with pytest.raises(UserError, match="unreadable"):
+        pretrain_main(args(tiny_cfg, run, "pretrain.max_steps=4", "pretrain.save_every=2") + ["--resume"])
