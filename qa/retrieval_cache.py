@@ -33,14 +33,30 @@ def retrieval_fingerprint(retriever, k: int, question_ids: Sequence[str]) -> str
     })
 
 
+def _read_cache(path: Path, ids: Sequence[str]) -> dict | None:
+    """The cached {question id: [[segment id, score], ...]} at `path`, or None (absent, or damaged: a cache
+    is recomputed, never trusted; a flipped digit in a score or id would change what training reads)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        raw = saved["hits"]
+        if saved["fingerprint"] == fingerprint(raw) and set(raw) == set(ids):
+            return raw
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        log.warning("retrieval cache %s unreadable (%s): retrieving again", path, err)
+        return None
+    log.warning("retrieval cache %s does not match its hash or its questions: retrieving again", path)
+    return None
+
+
 def cached_hits(retriever, examples: Sequence[QAExample], k: int, cache_dir: Path,
                 batch_size: int = 256, progress: bool = True) -> dict[str, list]:
     """{question id: top-k Hits}; computed once per fingerprint and stored as JSON (ids and scores)."""
     ids = [e.id for e in examples]
     path = Path(cache_dir) / f"retrieval-{retrieval_fingerprint(retriever, k, ids)}.json"
-    if path.is_file():
-        raw = json.loads(path.read_text())
-    else:
+    raw = _read_cache(path, ids)
+    if raw is None:
         raw = {}
         bar = tqdm(total=len(examples), desc=f"retrieving top-{k}", unit="q", disable=not progress)
         for start in range(0, len(examples), batch_size):
@@ -49,7 +65,7 @@ def cached_hits(retriever, examples: Sequence[QAExample], k: int, cache_dir: Pat
                 raw[ex.id] = [[h.segment_id, h.score] for h in hits]
             bar.update(len(chunk))
         bar.close()
-        atomic_write_json(path, raw)
+        atomic_write_json(path, {"hits": raw, "fingerprint": fingerprint(raw)})
         log.info("cached top-%d retrieval of %d questions in %s", k, len(raw), path)
     needed = {sid for rows in raw.values() for sid, _ in rows}
     segments = retriever.segments(sorted(needed))
