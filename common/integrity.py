@@ -12,6 +12,7 @@ Cost: sha256 reads about 1.2 GB/s on one core of the busy 2-core CPU this was me
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 from common.atomic import sha256_file
 from common.errors import UserError
 
-__all__ = ["file_ok", "forget_verified", "hash_files", "sha256_file", "verify_file", "verify_once"]
+__all__ = ["file_ok", "forget_verified", "hash_files", "hash_tree", "read_json_object", "sha256_file", "verify_file",
+           "verify_once", "verify_tree"]
 
 # (path, expected sha256, size, mtime_ns, inode) of files that matched their hash in this process.
 _verified: set[tuple[str, str, int, int, int]] = set()
@@ -107,3 +109,16 @@ def verify_tree(directory: Path | str, hashes: dict[str, str] | None, rebuild: s
     """Refuse a folder written with `hash_tree` unless every listed file matches (None: saved without hashes)."""
     for name, expected in (hashes or {}).items():
         verify_file(Path(directory) / name, expected, rebuild)
+
+
+def read_json_object(path: Path | str, what: str, hint: str) -> dict:
+    """A JSON object saved by one of our commands (a manifest, a state's metadata); a truncated, damaged or
+    non-object file is refused with a UserError naming it: `{path}: corrupt {what} (...); {hint}`."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt {what} ({err}); {hint}") from err
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a {what}; {hint}")
+    return obj

@@ -59,7 +59,7 @@ import pyarrow as pa
 from common.atomic import atomic_dir, fingerprint
 from common.errors import UserError
 from common.faults import fault_point
-from common.integrity import hash_files, verify_file
+from common.integrity import hash_files, read_json_object, verify_file
 from data_prep.records import QAExample, Segment
 from data_prep.split import SPLITS
 
@@ -123,12 +123,7 @@ class SegmentStore:
             raise UserError(
                 f"no segment store at {path}{hint}; build it with `python -m data_prep.build --config C`"
             )
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(
-                f"{manifest_path}: corrupt manifest ({e}); rebuild with `python -m data_prep.build`"
-            ) from e
+        manifest = read_json_object(manifest_path, "manifest", "rebuild with `python -m data_prep.build`")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{path}: store format version {manifest.get('format_version')!r}, this code reads "

@@ -15,7 +15,6 @@ hashes every shard and computes the prefixes of a damaged (or unhashed, older) s
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 from common.atomic import atomic_write_json, clean_leftovers
 from common.errors import UserError
 from common.faults import fault_point
-from common.integrity import file_ok, sha256_file, verify_once
+from common.integrity import file_ok, read_json_object, sha256_file, verify_once
 from knowledge_encoder import prefix_codec
 from lm.prefix import Prefix
 
@@ -43,13 +42,7 @@ def prefix_dir(run_dir: Path | str, system: str) -> Path:
 
 def _read_manifest(path: Path) -> dict:
     """A prefix store's manifest; a truncated or damaged one is refused with a UserError naming it."""
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: corrupt prefix store manifest ({err}); delete {path.parent} and {REBUILD}") from err
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: not a prefix store manifest; delete {path.parent} and {REBUILD}")
-    return manifest
+    return read_json_object(path, "prefix store manifest", f"delete {path.parent} and {REBUILD}")
 
 
 def shard_name(index: int) -> str:

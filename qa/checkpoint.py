@@ -14,7 +14,6 @@ damaged, truncated or missing weights file is refused with a UserError naming it
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_dir, atomic_write_json
 from common.errors import UserError
-from common.integrity import sha256_file, verify_file
+from common.integrity import read_json_object, sha256_file, verify_file
 from configs.loader import config_from_dict, to_dict
 from configs.models import lm_fingerprint
 from configs.schema import Config, KnowledgeEncoderConfig
@@ -144,11 +143,8 @@ STATE_REBUILD = ("the saved training state is damaged: delete its folder and tra
 def read_state_meta(path: Path) -> dict:
     """The JSON beside a saved training state (trainer_state.json, pretrainer_state.json); a damaged one is
     refused with a UserError, never loaded half."""
-    try:
-        saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable ({err}); {STATE_REBUILD}") from err
-    if not isinstance(saved, dict) or "step" not in saved:
+    saved = read_json_object(path, "training state", STATE_REBUILD)
+    if "step" not in saved:
         raise UserError(f"{path}: not a training state; {STATE_REBUILD}")
     return saved
 
@@ -190,11 +186,8 @@ def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise UserError(f"{directory} is not a checkpoint (no {MANIFEST}); train one with `python -m qa.train`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: corrupt checkpoint manifest ({err}); {_rebuild_hint(directory)}") from err
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("systems"), dict):
+    manifest = read_json_object(path, "checkpoint manifest", _rebuild_hint(directory))
+    if not isinstance(manifest.get("systems"), dict):
         raise UserError(f"{path}: not a checkpoint manifest; {_rebuild_hint(directory)}")
     return manifest
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from common.atomic import atomic_dir, sha256_file
 from common.errors import UserError
+from common.integrity import read_json_object
 from data_prep.store import SegmentStore, segment_input_text
 
 log = logging.getLogger(__name__)
@@ -208,12 +209,7 @@ class BM25Index:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise UserError(f"{path}: no BM25 index (manifest.json missing)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{manifest_path}: corrupt BM25 manifest ({e}); delete {path} to rebuild it") from e
-        if not isinstance(manifest, dict):
-            raise UserError(f"{manifest_path}: not a BM25 manifest; delete {path} to rebuild it")
+        manifest = read_json_object(manifest_path, "BM25 manifest", f"delete {path} to rebuild it")
         if manifest.get("format") != BM25_FORMAT:
             raise UserError(
                 f"{path}: BM25 index format {manifest.get('format')!r}, this version reads {BM25_FORMAT}"

@@ -13,7 +13,6 @@ that says how to fix it; nothing is rewritten by a refusal.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from common.errors import UserError
+from common.integrity import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -172,13 +172,8 @@ def read_manifest(index_dir: Path) -> dict:
             f"no index at {index_dir} (missing {MANIFEST_FILE}); build it with "
             "`python -m retriever.index --config C`"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path}: corrupt manifest ({e}); rebuild with `python -m retriever.index --config C`"
-        ) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json_object(path, "manifest", "rebuild with `python -m retriever.index --config C`")
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(
             f"{path}: unknown index manifest format; rebuild with `python -m retriever.index --config C`"
         )

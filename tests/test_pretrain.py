@@ -145,5 +145,5 @@ def test_resume_refuses_a_damaged_training_state(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="training state is damaged"):
         pretrain_main(args(tiny_cfg, run, "pretrain.max_steps=4", "pretrain.save_every=2") + ["--resume"])
     (state / "pretrainer_state.json").write_text('{"step": 2, "sec')
-    with pytest.raises(UserError, match="unreadable"):
+    with pytest.raises(UserError, match="corrupt training state"):
         pretrain_main(args(tiny_cfg, run, "pretrain.max_steps=4", "pretrain.save_every=2") + ["--resume"])
