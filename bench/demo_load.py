@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import Call, parse_levels, questions_of, run_level, table
+from bench.load import Call, add_load_arguments, load_plan, run_level, table
 
 ENDPOINT = "/gradio_api/call/answer"
 
@@ -62,20 +62,10 @@ def main(argv=None) -> int:
     from configs.cli import build_parser, parse
 
     parser = build_parser("python -m bench.demo_load", __doc__)
-    parser.add_argument("--url", help="a running demo (default: serve one in this process from --config)")
-    parser.add_argument("--clients", default="1,8,50", help="concurrent clients per level (comma list)")
-    parser.add_argument("--requests", type=int, default=40, help="timed requests per level")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed requests before each level")
+    add_load_arguments(parser, "demo", requests=40, warmup=2, top_k=1)
     parser.add_argument("--mode", default="rag_text", help="the mode of every request (a system the demo serves)")
-    parser.add_argument("--top-k", type=int, default=1, help="top_k of every request")
-    parser.add_argument("--questions", help="a text file of questions, one a line (default: run_dir/store's)")
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
     cfg, ns = parse(parser, argv)
-    try:
-        clients = parse_levels(ns.clients, ns.requests)
-    except ValueError as e:
-        parser.error(str(e))
-    questions = questions_of(ns.questions, None if ns.url else cfg.run_dir)
+    clients, questions = load_plan(parser, ns, cfg.run_dir)
     if ns.url:
         rows = run_load(ns.url, questions, clients, ns.requests, ns.mode, ns.top_k, ns.warmup)
     else:

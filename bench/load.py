@@ -143,3 +143,23 @@ def parse_levels(spec: str, requests: int) -> list[int]:
     if not clients or min(clients) < 1 or requests < 1:
         raise ValueError("--clients needs whole numbers >= 1 and --requests >= 1")
     return clients
+
+
+def add_load_arguments(parser, target: str, requests: int, warmup: int, top_k: int) -> None:
+    """The command-line options every load check shares (`target`: what --url points at)."""
+    parser.add_argument("--url", help=f"a running {target} (default: start one in this process from --config)")
+    parser.add_argument("--clients", default="1,8,50", help="concurrent clients per level (comma list)")
+    parser.add_argument("--requests", type=int, default=requests, help="timed requests per level")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed requests before each level")
+    parser.add_argument("--top-k", type=int, default=top_k, help="top_k of every request")
+    parser.add_argument("--questions", help="a text file of questions, one a line (default: run_dir/store's)")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+
+
+def load_plan(parser, ns, run_dir) -> tuple[list[int], list[str]]:
+    """(client levels, questions) from the shared options; a bad level list is a usage error."""
+    try:
+        clients = parse_levels(ns.clients, ns.requests)
+    except ValueError as e:
+        parser.error(str(e))
+    return clients, questions_of(ns.questions, None if ns.url else run_dir)

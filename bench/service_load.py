@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import Call, parse_levels, questions_of, run_level, table
+from bench.load import Call, add_load_arguments, load_plan, run_level, table
 
 
 def search_call(questions: Sequence[str], top_k: int) -> Call:
@@ -55,19 +55,9 @@ def main(argv=None) -> int:
     from configs.cli import build_parser, parse
 
     parser = build_parser("python -m bench.service_load", __doc__)
-    parser.add_argument("--url", help="a running service (default: start one in this process from --config)")
-    parser.add_argument("--clients", default="1,8,50", help="concurrent clients per level (comma list)")
-    parser.add_argument("--requests", type=int, default=400, help="timed requests per level")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed requests before each level")
-    parser.add_argument("--top-k", type=int, default=5, help="top_k of every request")
-    parser.add_argument("--questions", help="a text file of questions, one a line (default: run_dir/store's)")
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    add_load_arguments(parser, "service", requests=400, warmup=20, top_k=5)
     cfg, ns = parse(parser, argv)
-    try:
-        clients = parse_levels(ns.clients, ns.requests)
-    except ValueError as e:
-        parser.error(str(e))
-    questions = questions_of(ns.questions, None if ns.url else cfg.run_dir)
+    clients, questions = load_plan(parser, ns, cfg.run_dir)
     if ns.url:
         rows = run_load(ns.url, questions, clients, ns.requests, ns.top_k, ns.warmup)
     else:
