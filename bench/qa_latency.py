@@ -223,6 +223,9 @@ def run(cfg, progress: bool = True) -> dict:
     device = next(lm.parameters()).device
     systems = [parse_system(s) for s in b.qa_systems]
     dynamic = [s for s in systems if s.kind.dynamic]
+    kcfg = cfg.knowledge_encoder
+    # The backbone knows its feature size (None for per-layer K,V); the online path reads with it too.
+    backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device) if dynamic else None
     torch.manual_seed(cfg.seed)
     if b.qa_checkpoint:
         from qa.checkpoint import load_models
@@ -231,9 +234,7 @@ def run(cfg, progress: bool = True) -> dict:
                              {"lm_layers": lm.config.hidden_size}, cfg.lm.model)
     else:
         models = {
-            str(s): new_model(
-                s, cfg, lm, template, None if cfg.knowledge_encoder.backbone == "lm_kv" else lm.config.hidden_size
-            )
+            str(s): new_model(s, cfg, lm, template, backbone.feature_dim)
             .to(device)
             .eval()
             .requires_grad_(False)
@@ -249,13 +250,11 @@ def run(cfg, progress: bool = True) -> dict:
     online = QASystem(settings, lm, tokenizer, None, models, {n: n for n in models})
     stored = QASystem(settings, lm, tokenizer, None, models, {n: n for n in models})
     stored.prefix_sources.update({name: PrefixSource(store=store) for name, store in stores.items()})
-    kcfg = cfg.knowledge_encoder
     batchers = {
         "none": Batcher(template, None, device),
         "precomputed": Batcher(template, NoFeatures(), device),
     }
     if models:
-        backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device)
         batchers["online"] = Batcher(template, FreshFeatures(backbone), device)
 
     variants = [Variant(str(s), str(s), 0, "none") for s in systems if not s.kind.retrieves]

@@ -86,8 +86,7 @@ def time_system(
     release_free_memory()
     with PeakRSS() as mem:
         torch.manual_seed(cfg.seed)
-        feature_dim = None if cfg.knowledge_encoder.backbone == "lm_kv" else lm.config.hidden_size
-        model = new_model(system, cfg, lm, template, feature_dim).to(device).train()
+        model = new_model(system, cfg, lm, template, batcher.cache.backbone.feature_dim).to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 

@@ -4,6 +4,7 @@ length, peak-memory probes, and the runner's files."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -78,6 +79,7 @@ def test_machine_record_and_peak_memory():
 
 
 PEAK_PROBE = """
+import copy
 import json
 import numpy as np
 from bench.machine import PeakRSS
@@ -430,3 +432,13 @@ def test_bench_reads_a_run_dir_of_its_own_not_a_stale_index_in_run_dir(tiny, cap
     explicit = copy.deepcopy(tiny)
     explicit.bench.run_dir = tiny.run_dir
     assert prepare_run_dir(explicit) == tiny.run_dir
+
+
+def test_bench_sizes_the_encoder_by_its_backbone_not_the_lm(tiny):
+    # Regression: bench's training and qa_latency sections gave a non-`lm_kv` backbone the LM's hidden size,
+    # so `knowledge_encoder.backbone=retriever` (the retriever's smaller width) failed at the first step.
+    cfg = copy.deepcopy(tiny)
+    cfg.knowledge_encoder.backbone = "retriever"
+    cfg.bench.train_systems = ["dynamic_prefix@p2"]
+    r = training.run(cfg)
+    assert r["systems"]["dynamic_prefix@p2"]["examples_per_s"] > 0
