@@ -1,4 +1,4 @@
-# Entry points of the project (DESIGN.md "Entry points"). Every target works on a fresh clone.
+# Entry points of the project (README "Commands", docs/ARCHITECTURE.md). Every target works on a fresh clone.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python

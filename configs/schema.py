@@ -1,7 +1,6 @@
 """Typed configuration: one dataclass per area, every field with help text.
 
-The public keys of DESIGN.md ("Config keys every user touches") live here under the same dotted
-names. `configs.loader` fills these from YAML plus `key=value` overrides and rejects unknown keys
+Every public key (README "Commands", docs/ARCHITECTURE.md) lives here under its dotted name. `configs.loader` fills these from YAML plus `key=value` overrides and rejects unknown keys
 and wrong types.
 """
 
@@ -400,7 +399,8 @@ class AppConfig:
     port: int = opt(7860, "port of the demo")
     max_upload_mb: float = opt(2.0, "largest uploaded file")
     concurrency_limit: int = opt(2, "requests processed at once (the rest queue)")
-    queue_size: int = opt(32, "requests waiting in the queue at most (more are refused with a message)")
+    queue_size: int = opt(64, "requests waiting in the queue at most (more are refused at once with a 503 and a "
+                          "message); 64 admits 50 concurrent users, each waiting for the answers ahead of it")
     max_top_k: int = opt(10, "largest top-k the demo accepts (the slider's maximum)")
     max_paste_chars: int = opt(100_000, "longest pasted document in characters")
     max_title_chars: int = opt(300, "longest title of an added document in characters")

@@ -1,4 +1,4 @@
-"""Records passed between modules: documents, QA examples and segments (DESIGN.md formats)."""
+"""Records passed between modules: documents, QA examples and segments (docs/ARCHITECTURE.md "Formats")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Segmentation: documents → overlapping token windows of the retriever's tokenizer, as character spans.
 
-Rules (DESIGN.md: "documents cut into 288-token windows with stride 64"):
+Rules (documents cut into 288-token windows with stride 64; docs/ARCHITECTURE.md "Formats"):
 
 - Tokens are those of the retriever's fast tokenizer (`cfg.retriever.model`), without special tokens.
 - `window` (default 288) is the token budget of title + text: a segment holds at most

@@ -6,7 +6,7 @@ LM layer), format slots (a small learned static prefix), and `KnowledgeEncoder`,
 Shapes: L layers, H = num_key_value_heads (GQA-aware: prefixes live in K/V space, not query space),
 D = head_dim, N segments, n tokens per segment, P slots per segment, d backbone width.
 Why the default warm start: an encoder trained from scratch learned nothing in 12 CPU minutes, while the
-LM's own K,V of a segment already carry its facts (DESIGN.md "What we already measured"); with P = n and
+LM's own K,V of a segment already carry its facts (README "How it works"); with P = n and
 identity heads the prefix equals the LM having read the segment, and compression is learned from there.
 """
 

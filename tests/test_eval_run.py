@@ -151,7 +151,7 @@ def test_end_to_end_outputs_agree(world, tmp_path):
     assert set(m["skipped"]) == {"bertscore_f1", "bleurt"}
     assert m["config"]["checkpoint_step"] == 3 and m["config"]["batch_size"] == 4
 
-    # predictions.jsonl: DESIGN's keys, one row per (question, system, k), and the metrics follow from it.
+    # predictions.jsonl: its documented keys (docs/ARCHITECTURE.md "Formats"), one row per (question, system, k), and the metrics follow from it.
     rows = read_rows(out / "predictions.jsonl")
     for r in rows:
         assert {"id", "question", "prediction", "answers", "mode", "retrieved", "latency_ms"} <= set(r)
