@@ -73,7 +73,7 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
         if cfg.compute.engine == "ray":
             from qa.precompute_ray import ray_prefixes
 
-            prefixes = ray_prefixes(cfg, checkpoint, name, store, batches, progress)
+            prefixes = ray_prefixes(cfg, checkpoint, name, store, batches)
         else:
             backbone = build_backbone(model.encoder.cfg, lm, template, cfg.retriever.model, device)
             prefixes = (encode_prefixes(store, backbone, model.encoder, device, ids) for ids in batches)

@@ -92,16 +92,16 @@ def _prefix_worker(cfg, checkpoint: str, name: str, encoder_sha: str, store_path
     return encode
 
 
-def ray_prefixes(cfg, checkpoint: Path, name: str, store: SegmentStore, batches: list[list[int]],
-                 progress: bool = False) -> Iterator[Prefix]:
-    """The prefixes of `batches` (lists of segment ids) in order, computed by `compute.ray_workers` actors."""
+def ray_prefixes(cfg, checkpoint: Path, name: str, store: SegmentStore, batches: list[list[int]]) -> Iterator[Prefix]:
+    """The prefixes of `batches` (lists of segment ids) in order, computed by `compute.ray_workers` actors
+    (Ray Data's progress bars off: precompute's bar counts the prefixes as they arrive)."""
     from qa.checkpoint import encoder_sha256
 
     checkpoint = Path(checkpoint).resolve()
     make_worker = functools.partial(_prefix_worker, _absolute(cfg), str(checkpoint), name,
                                     encoder_sha256(checkpoint, name), str(Path(store.path).resolve()))
     outputs = run_batches([np.asarray(b, dtype=np.int64) for b in batches], make_worker,
-                          RayOptions.from_config(cfg.compute, progress=progress))
+                          RayOptions.from_config(cfg.compute))
     try:
         for out in outputs:
             yield prefix_from_arrays(out)

@@ -70,9 +70,11 @@ def _embed_worker(load: EncoderLoad, store_path: str) -> BatchFn:
     return encode
 
 
-def ray_batch_encoder(encoder, store: SegmentStore, cfg, progress: bool = False) -> BatchEncoder:
-    """`embed_store`'s `encode_batches` on Ray: the batches' vectors computed by `compute.ray_workers` actors."""
-    options = RayOptions.from_config(cfg.compute, progress=progress)
+def ray_batch_encoder(encoder, store: SegmentStore, cfg) -> BatchEncoder:
+    """`embed_store`'s `encode_batches` on Ray: the batches' vectors computed by `compute.ray_workers` actors.
+
+    Ray Data's own progress bars stay off: `embed_store`'s bar counts the vectors as they arrive."""
+    options = RayOptions.from_config(cfg.compute)
     make_worker = functools.partial(_embed_worker, EncoderLoad.of(encoder, cfg), str(Path(store.path).resolve()))
 
     def encode_batches(batches: list[np.ndarray]) -> Iterator[np.ndarray]:

@@ -126,7 +126,7 @@ def build_index(
     if cfg.compute.engine == "ray":
         from retriever.embed_ray import ray_batch_encoder
 
-        encode_batches = ray_batch_encoder(encoder, store, cfg, progress=progress)
+        encode_batches = ray_batch_encoder(encoder, store, cfg)
     t0 = time.perf_counter()
     emb_manifest = embed_store(
         store,
