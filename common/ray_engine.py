@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,6 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Environment a worker needs to load the same local models offline as the driver (copied when set).
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "PREFIXRAG_CACHE",
                   "TOKENIZERS_PARALLELISM")
+
+_ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception): .*$", re.MULTILINE)
 
 BatchFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 WorkerFactory = Callable[[], BatchFn]
@@ -92,6 +95,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         ) from err
 
 
+def _reasons(err: BaseException) -> str:
+    """The first line of `err` and of each exception it was raised from (Ray puts the real reason, e.g. a
+    missing auth token, two causes deep under `Failed to connect`)."""
+    lines, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err).strip()
+        # The first line, and the last `SomeError: …` line of a traceback Ray pasted into the message.
+        found = [text.splitlines()[0] if text else type(err).__name__]
+        found += [m.group(0) for m in _ERROR_LINE.finditer(text)][-1:]
+        lines += [line for line in found if line not in lines]
+        err = err.__cause__ or err.__context__
+    return "; ".join(lines)
+
+
 @contextmanager
 def ray_session(options: RayOptions, num_cpus: int | None = None) -> Iterator[None]:
     """Ray running for the duration: reused when this process already runs one, else started (local, with
@@ -115,8 +133,7 @@ def ray_session(options: RayOptions, num_cpus: int | None = None) -> Iterator[No
         )
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
         where = "a local Ray" if local else f"the Ray cluster at compute.ray_address={options.address!r}"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"could not start or reach {where}: {first}") from err
+        raise UserError(f"could not start or reach {where}: {_reasons(err)}") from err
     try:
         yield
     finally:

@@ -140,6 +140,23 @@ def test_an_unreachable_cluster_is_one_clear_error(monkeypatch):
         pass
 
 
+def test_a_refused_connection_names_rays_reason(monkeypatch):
+    """Ray says `Failed to connect` and pastes the reason (here a missing auth token) into a cause's traceback."""
+    import ray
+
+    def refuse(**kwargs):
+        inner = RuntimeError("Failed to connect to GCS. Last error: Traceback (most recent call last):\n  File x\n"
+                             "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: token is missing\n")
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379") from inner
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr("common.ray_engine._check_reachable", lambda address: None)
+    with (pytest.raises(UserError, match=r"127.0.0.1:6379'.*AuthenticationError: RPC error: InvalidAuthToken"),
+          ray_session(RayOptions(address="127.0.0.1:6379"))):
+        pass
+
+
 # ------------------------------------------------------------------------------------ prefix precompute
 
 
