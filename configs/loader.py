@@ -209,6 +209,9 @@ _MINIMUMS = (
     ("lm", "max_new_tokens", 1, ""),
     ("lm", "max_question_chars", 1, ""),
     ("knowledge_encoder", "store_shard_rows", 0, "0 = automatic"),
+    ("compute", "ray_workers", 1, ""),
+    ("compute", "ray_cpus_per_worker", 0, ""),
+    ("compute", "ray_gpus_per_worker", 0, ""),
 )
 
 

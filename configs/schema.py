@@ -423,6 +423,24 @@ class ServeConfig:
 
 
 @dataclass
+class ComputeConfig:
+    engine: str = opt(
+        "local",
+        "where the corpus-sized jobs run (`python -m retriever.index`'s embedding, `python -m qa.precompute`): "
+        "`local` = this process; `ray` = Ray Data actors (compute.ray_*), writing the same shards and manifests",
+        choices=("local", "ray"),
+    )
+    ray_address: str | None = opt(
+        None,
+        "Ray to run on (compute.engine=ray): null = start a local Ray for the job and stop it after; `auto` or "
+        "`host:6379` = an existing cluster, whose nodes must see the repo, run_dir and models at the same paths",
+    )
+    ray_workers: int = opt(2, "Ray actors (each loads the model once and encodes batches) for compute.engine=ray")
+    ray_cpus_per_worker: float = opt(1.0, "CPUs reserved per Ray actor (also its torch threads, at least 1)")
+    ray_gpus_per_worker: float = opt(0.0, "GPUs reserved per Ray actor (fractions share a GPU; 0 = CPU actors)")
+
+
+@dataclass
 class BenchConfig:
     n_vectors: int = opt(1_000_000, "synthetic vectors of the retrieval-at-scale benchmark")
     n_queries: int = opt(1000, "held-out queries of the retrieval benchmark")
@@ -483,3 +501,4 @@ class Config:
     app: AppConfig = field(default_factory=AppConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)

@@ -4,7 +4,8 @@
 
 Reads the checkpoint (`qa.checkpoint` or run_dir/checkpoints/final) and run_dir/store; writes
 run_dir/prefixes/<system>/ (safetensors shards + manifest fingerprinted by the encoder weights and the
-segment store). Resumes an interrupted run; a finished, matching store is left as it is.
+segment store). Resumes an interrupted run; a finished, matching store is left as it is. `compute.engine=ray`
+computes the batches' prefixes on Ray Data actors (qa/precompute_ray.py) and writes the same shards.
 
 The command lives in qa/ because it reads checkpoints (`qa.checkpoint`); the store's format and writer stay
 in `knowledge_encoder.prefix_store`, which knows nothing of checkpoints. (It was `knowledge_encoder.precompute`,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ from qa.system import default_checkpoint
 log = logging.getLogger("qa.precompute")
 
 # Re-exported for callers of the command's module (where these two lived): the store's path, the weights' hash.
-__all__ = ["encoder_sha256", "main", "precompute", "prefix_dir"]
+__all__ = ["encode_prefixes", "encoder_sha256", "main", "precompute", "prefix_dir"]
 
 
 @torch.no_grad()
@@ -54,8 +56,6 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
     for name, model in models.items():
         if model.encoder is None:
             raise UserError(f"`{name}` has no knowledge encoder; only dynamic systems have prefixes to precompute")
-        kcfg = model.encoder.cfg
-        backbone = build_backbone(kcfg, lm, template, cfg.retriever.model, device)
         # The dtype is a serving choice (this command's config), not the checkpoint's.
         dtype = cfg.knowledge_encoder.store_dtype
         meta = {"system": name, "encoder_sha256": encoder_sha256(checkpoint, name),
@@ -68,7 +68,20 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
             report[name] = {"segments": writer.manifest["count"], "seconds": 0.0, "skipped": True}
             continue
         t0 = time.perf_counter()
-        _fill(writer, store, backbone, model.encoder, cfg.knowledge_encoder, device, progress, name)
+        plan = _plan(store, writer.done_ids(), cfg.knowledge_encoder.batch_size)
+        batches = [ids for _, ids in plan if ids]
+        if cfg.compute.engine == "ray":
+            from qa.precompute_ray import ray_prefixes
+
+            prefixes = ray_prefixes(cfg, checkpoint, name, store, batches)
+        else:
+            backbone = build_backbone(model.encoder.cfg, lm, template, cfg.retriever.model, device)
+            prefixes = (encode_prefixes(store, backbone, model.encoder, device, ids) for ids in batches)
+        shard_rows = cfg.knowledge_encoder.store_shard_rows or (256 if model.encoder.slots else 32)
+        try:
+            _fill(writer, plan, prefixes, shard_rows, progress, name)
+        finally:
+            prefixes.close()  # a Ray run stops its actors here, also on an error
         writer.finish()
         seconds = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in out.glob("shard-*.safetensors"))
@@ -78,31 +91,47 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
     return report
 
 
-def _fill(writer: PrefixStoreWriter, store: SegmentStore, backbone, encoder, kcfg, device,
-          progress: bool, name: str) -> None:
-    """Encode every segment not yet in the store, in shards of ~256 compressed (32 full-length) prefixes
-    (`knowledge_encoder.store_shard_rows`), cut at batch boundaries, so a resumed run makes the same shards."""
-    done = writer.done_ids()
-    batch_size = kcfg.batch_size
-    shard_rows = kcfg.store_shard_rows or (256 if encoder.slots else 32)
+def _plan(store: SegmentStore, done: set[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """The store's batches in segment-id order, `batch_size` at a time: (segments in the batch, the ids of those
+    not in the store yet). Both engines encode exactly these batches, so their prefixes are the same."""
+    ids = store.segment_ids()
+    plan = []
+    for off in range(0, len(ids), batch_size):
+        batch = ids[off : off + batch_size]
+        plan.append((len(batch), [int(i) for i in batch if int(i) not in done]))
+    return plan
+
+
+def encode_prefixes(store: SegmentStore, backbone, encoder, device, ids: list[int]) -> Prefix:
+    """The prefixes of segments `ids` (N, H, P, D per layer): backbone features, then the knowledge encoder."""
+    segments = store.get_many(ids)
+    feats = backbone.features([TextSegment(s.title, s.text) for s in segments]).to(device, torch.float32)
+    return encoder(feats)
+
+
+def _fill(writer: PrefixStoreWriter, plan: list[tuple[int, list[int]]], prefixes: Iterator[Prefix],
+          shard_rows: int, progress: bool, name: str) -> None:
+    """Write the prefixes of the planned batches (one from `prefixes` per batch with ids to do, in order) in
+    shards of ~`shard_rows` (`knowledge_encoder.store_shard_rows`: ~256 compressed or 32 full-length prefixes),
+    cut at batch boundaries, so a resumed run makes the same shards."""
+    done = sum(size - len(ids) for size, ids in plan)
     pending_ids: list[int] = []
     pending: list[Prefix] = []
-    bar = tqdm(total=len(store), initial=len(done), desc=f"prefixes {name}", unit="seg", disable=not progress)
-    for segments in store.iter_batches(batch_size):
-        todo = [s for s in segments if s.segment_id not in done]
+    bar = tqdm(total=done + sum(len(ids) for _, ids in plan), initial=done, desc=f"prefixes {name}", unit="seg",
+               disable=not progress)
+    for size, todo in plan:
         if todo:
-            feats = backbone.features([TextSegment(s.title, s.text) for s in todo]).to(device, torch.float32)
-            prefix = encoder(feats)
+            prefix = next(prefixes)
             if pending and prefix.length != pending[0].length:
                 # Full-length prefixes differ in width from batch to batch: one shard per width.
                 writer.add(pending_ids, Prefix.cat_batch(pending))
                 pending_ids, pending = [], []
-            pending_ids.extend(s.segment_id for s in todo)
+            pending_ids.extend(todo)
             pending.append(prefix)
             if len(pending_ids) >= shard_rows:
                 writer.add(pending_ids, Prefix.cat_batch(pending))
                 pending_ids, pending = [], []
-        bar.update(len(segments))
+        bar.update(size)
     if pending_ids:
         writer.add(pending_ids, Prefix.cat_batch(pending))
     bar.close()

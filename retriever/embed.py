@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,8 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = 1
 REBUILD = "rerun `python -m retriever.index --config C` to embed it again"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+# The planned batches of segment ids (each (m,) int64) -> their vectors, float32 (m, dim), one array per batch in order.
+BatchEncoder = Callable[[list[np.ndarray]], Iterator[np.ndarray]]
 
 
 def _shard_names(i: int) -> tuple[str, str]:
@@ -101,10 +103,14 @@ def embed_store(
     dtype: str = "float16",
     batch_size: int = 64,
     progress: bool = True,
+    encode_batches: BatchEncoder | None = None,
 ) -> dict:
     """Embed every segment of `store` into `out_dir` (resuming a previous run); returns the manifest.
 
     `encoder` needs `.info` (an EncoderInfo) and `.encode_passages(list[str]) -> float32 (n, dim)`.
+    `encode_batches` computes the vectors of the planned batches of segment ids elsewhere (Ray:
+    `retriever.embed_ray`), one (len(ids), dim) array per batch in order; by default `encode_segments` runs
+    here with `encoder`. Either way the batches, and so the shards written, are the same.
     """
     if dtype not in _DTYPES:
         raise UserError(f"index.embed_dtype must be float16 or float32, got {dtype!r}")
@@ -135,7 +141,7 @@ def embed_store(
     _write_manifest(out_dir, settings, done, complete=len(done) == n_shards, rate=None)
 
     all_ids = store.segment_ids()
-    remaining = sum(min(shard_size, n - i * shard_size) for i in range(n_shards) if i not in done)
+    remaining = sum(_count(n, shard_size, i) for i in range(n_shards) if i not in done)
     t0 = time.perf_counter()
     encoded = 0
     bar = tqdm(
@@ -146,26 +152,31 @@ def embed_store(
         disable=not progress,
         dynamic_ncols=True,
     )
+    todo = [i for i in range(n_shards) if i not in done]
+    plan = [
+        all_ids[i * shard_size + off : i * shard_size + min(off + batch_size, _count(n, shard_size, i))]
+        for i in todo
+        for off in range(0, _count(n, shard_size, i), batch_size)
+    ]
+    if encode_batches is None:
+        vectors = (encode_segments(store, encoder, ids) for ids in plan)
+    else:
+        vectors = encode_batches(plan)
     try:
-        for i in range(n_shards):
-            if i in done:
-                continue
+        for i in todo:
             start = i * shard_size
-            count = min(shard_size, n - start)
+            count = _count(n, shard_size, i)
             vec_name, ids_name = _shard_names(i)
             tmp = out_dir / f".{vec_name}.tmp"
             matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=_DTYPES[dtype], shape=(count, dim))
             for off in range(0, count, batch_size):
-                ids = all_ids[start + off : start + min(off + batch_size, count)]
-                texts = [segment_input_text(s) for s in store.get_many(ids)]
-                vecs = encoder.encode_passages(texts)
-                if vecs.shape != (len(ids), dim):
-                    raise RuntimeError(
-                        f"encoder returned shape {vecs.shape} for {len(ids)} segments of dim {dim}"
-                    )
-                matrix[off : off + len(ids)] = vecs
-                encoded += len(ids)
-                bar.update(len(ids))
+                rows = min(batch_size, count - off)
+                vecs = next(vectors)
+                if vecs.shape != (rows, dim):
+                    raise RuntimeError(f"encoder returned shape {vecs.shape} for {rows} segments of dim {dim}")
+                matrix[off : off + rows] = vecs
+                encoded += rows
+                bar.update(rows)
                 bar.set_postfix(seg_per_s=f"{encoded / max(time.perf_counter() - t0, 1e-9):.1f}")
             matrix.flush()
             del matrix
@@ -185,6 +196,8 @@ def embed_store(
             fault_point("embed.shard_listed")
     finally:
         bar.close()
+        if hasattr(vectors, "close"):
+            vectors.close()  # a Ray run stops its actors (and a Ray it started) here, also on an error
     elapsed = time.perf_counter() - t0
     rate = encoded / elapsed if encoded and elapsed > 0 else None
     manifest = _write_manifest(out_dir, settings, done, complete=True, rate=rate)
@@ -193,6 +206,17 @@ def embed_store(
             "embedded %d segments in %.1f s (%.1f segments/s) into %s", encoded, elapsed, rate or 0.0, out_dir
         )
     return manifest
+
+
+def _count(n: int, shard_size: int, i: int) -> int:
+    """Rows of shard `i` of a store of `n` segments."""
+    return min(shard_size, n - i * shard_size)
+
+
+def encode_segments(store: SegmentStore, encoder, ids: np.ndarray) -> np.ndarray:
+    """float32 (len(ids), dim): the passage embeddings of segments `ids`, the text as the index reads it."""
+    texts = [segment_input_text(s) for s in store.get_many(ids)]
+    return encoder.encode_passages(texts)
 
 
 def _read_manifest(out_dir: Path) -> dict | None:

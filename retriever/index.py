@@ -1,7 +1,8 @@
 """Segment store → embeddings → faiss index: `python -m retriever.index --config C [key=value ...]`.
 
 Reads `run_dir/store/`, embeds every segment with `retriever.model` into `run_dir/embeddings/`
-(sharded, resumable: rerun after a crash and it continues at the first unfinished shard), then builds
+(sharded, resumable: rerun after a crash and it continues at the first unfinished shard; `compute.engine=ray`
+encodes the batches on Ray Data actors, retriever/embed_ray.py, into the same shards), then builds
 the vector store of `index.backend`: faiss (default) builds `index.factory` (default `IVF{nlist},Flat`,
 inner product; nlist from `index.nlist` or about 4·√N) trained on a random sample and writes
 `run_dir/index/` (index.faiss + manifest.json) atomically; milvus inserts the vectors into a new Milvus
@@ -121,6 +122,11 @@ def build_index(
     store = store or SegmentStore.open(run_dir / "store")
     encoder = encoder or Encoder.from_config(cfg)
     check_store_fits_encoder(store, encoder, cfg.retriever.max_seq_length)
+    encode_batches = None
+    if cfg.compute.engine == "ray":
+        from retriever.embed_ray import ray_batch_encoder
+
+        encode_batches = ray_batch_encoder(encoder, store, cfg)
     t0 = time.perf_counter()
     emb_manifest = embed_store(
         store,
@@ -130,6 +136,7 @@ def build_index(
         dtype=cfg.index.embed_dtype,
         batch_size=cfg.retriever.batch_size,
         progress=progress,
+        encode_batches=encode_batches,
     )
     t_embed = time.perf_counter() - t0
     emb = Embeddings(run_dir / "embeddings", emb_manifest)
