@@ -154,6 +154,10 @@ class IndexConfig:
     nlist: int = opt(0, "IVF lists (0 = about 4*sqrt(N), capped so each centroid has >= 39 training points)")
     nprobe: int = opt(0, "IVF lists visited per query (0 = automatic: enough lists to scan ~20k vectors, at "
                          "least 16; every list of a corpus under ~20k segments)")
+    hnsw_ef_search: int = opt(0, "HNSW candidate list per query, of an `HNSW32,Flat` index or of the HNSW coarse "
+                                 "quantizer of `IVF{nlist}_HNSW32,Flat` (0 = automatic: max(64, 2k))")
+    refine_k_factor: float = opt(0.0, "a re-ranked index (`IVF{nlist},SQ8,Refine(Flat)`, `...,RFlat`) re-scores "
+                                      "k * this many candidates with the exact vectors (0 = automatic: 4)")
     embed_dtype: str = opt("float16", "dtype of the stored embedding matrix", choices=("float16", "float32"))
     shard_size: int = opt(4096, "segments per embedding shard (the unit of resume)")
     train_sample: int = opt(0, "vectors used to train the IVF quantizer (0 = min(N, 256 * nlist))")
