@@ -448,6 +448,11 @@ class BenchConfig:
     fit_embeddings: list[str] = opt([], "embedding folders the mixture is fitted to (empty = run_dir/embeddings)")
     compression: list[str] = opt(["IVF{nlist},SQ8", "IVF{nlist},PQ96", "IVF{nlist},PQ48"],
                                  "compressed IVF codecs compared with IVFFlat on the same coarse quantizer")
+    ann_factories: list[str] = opt(["HNSW32,Flat", "IVF{nlist}_HNSW32,Flat", "IVF{nlist},SQ8,Refine(Flat)"],
+                                   "ANN index.factory strings the retrieval benchmark measures beside IVFFlat "
+                                   "(`{nlist}` = the IVFFlat's lists, whose centroids they reuse)")
+    ann_ef_search_values: list[int] = opt([32, 64, 128, 256], "HNSW efSearch values measured for graph indexes")
+    ann_k_factors: list[float] = opt([2.0, 4.0, 8.0], "re-rank k_factor values measured for Refine indexes")
     encode_segments: int = opt(96, "segments encoded per dtype in the encoding-throughput benchmark")
     encode_tokens: int = opt(288, "tokens per encoded segment ([CLS] and [SEP] included)")
     encode_batch_size: int = opt(16, "segments per encoder forward pass")
