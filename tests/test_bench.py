@@ -248,12 +248,12 @@ def test_retrieval_section(tiny):
     assert hnsw["rows"][-1]["recall@10"] > 0.9  # a 3,000-vector graph at ef 64
     dim = r["scale"]["dim"]
     assert hnsw["bytes_per_vector"] > dim * 4 + 8 and refine["bytes_per_vector"] > dim * 5
-    assert all(c["build_s"] > 0 for c in r["ann"])
+    assert all(c["build_s"] > 0 and c["exact_qps_before_sweep"] > 0 for c in r["ann"])
     best = r["best"]
     assert best is not None and best[f"recall@{r['scale']['k']}"] >= retrieval.RECALL_GOAL
     md = retrieval.to_markdown(r)
     assert "recommended" in md and "fewer than bench.fit_segments" in md
-    assert "ANN candidates" in md and "| HNSW32,Flat | ef_search 64" in md and "Fastest setting" in md
+    assert "ANN candidates" in md and "| HNSW32,Flat (exact " in md and "| ef_search 64" in md and "Fastest setting" in md
     assert (
         f"| {ivf['nlist']} (default, `index.nprobe=0`)" in md
         or f"{ivf['nlist']} **(recommended)** (default" in md
