@@ -19,9 +19,17 @@ SECTIONS = {
 def headline(name: str, r: dict) -> str:
     """One line of the section's key result for the summary table."""
     if name == "retrieval":
-        return (
+        ivf = (
             f"recall@10 {r['ivf_recall_at_10']:.3f} at nprobe {r['recommended_nprobe']}, "
             f"{r['ivf_speedup_vs_flat']}× the Flat queries/s ({r['scale']['n_vectors']:,} vectors)"
+        )
+        best = r.get("best")
+        if not r.get("ann") or best is None:
+            return ivf
+        params = ", ".join(f"{key} {v:g}" for key, v in best["params"].items())
+        return (
+            f"best: {best['factory']} ({params}) recall@10 {best['recall@10']:.3f} at {best['speedup_vs_flat']}× "
+            f"the Flat queries/s; IVFFlat: {ivf}"
         )
     if name == "encoding":
         parts = [

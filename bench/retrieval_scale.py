@@ -157,7 +157,7 @@ def measure(
             }
         )
     if keep is not None:
-        keep.update(index=index, truth=truth, vectors=vectors, queries=queries)
+        keep.update(index=index, truth=truth, vectors=vectors, queries=queries, exact=exact)
     return {
         "n_vectors": int(n),
         "dim": int(dim),

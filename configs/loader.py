@@ -201,6 +201,8 @@ _MINIMUMS = (
     ("retriever", "batch_size", 1, ""),
     ("index", "nlist", 0, "0 = automatic"),
     ("index", "nprobe", 0, "0 = automatic"),
+    ("index", "hnsw_ef_search", 0, "0 = automatic"),
+    ("index", "refine_k_factor", 0, "0 = automatic"),
     ("index", "shard_size", 1, ""),
     ("index", "train_sample", 0, "0 = automatic"),
     ("index", "milvus_hnsw_m", 2, ""),

@@ -1,7 +1,16 @@
 """The faiss index and its directory: `IVF{nlist},Flat` inner product by default, any factory string.
 
-Ids are the segment store's int64 segment ids (IVF indexes keep them natively; other indexes are
-wrapped in `IndexIDMap2`), so `remove_ids` and live additions work on the same ids the store uses.
+Ids are the segment store's int64 segment ids (IVF indexes keep them natively; other indexes, and
+re-ranked ones such as `IVF{nlist},SQ8,Refine(Flat)` whose refine stage looks vectors up by position,
+are wrapped in `IndexIDMap2`), so `remove_ids` and live additions work on the same ids the store uses.
+Graph indexes (`HNSW32,Flat`) and re-ranked ones cannot remove vectors: `remove` says so (a UserError).
+
+Search-time parameters, set on the index before each search (under the lock):
+- `nprobe` (`index.nprobe`, 0 = `auto_nprobe`): IVF lists visited;
+- `ef_search` (`index.hnsw_ef_search`, 0 = `auto_ef_search(k)`): the HNSW candidate list, of an `HNSW…`
+  index or of the HNSW coarse quantizer of `IVF{nlist}_HNSW32,…` (the lists whose centroids it finds);
+- `k_factor` (`index.refine_k_factor`, 0 = AUTO_K_FACTOR): a `…,Refine(Flat)` / `…,RFlat` index
+  re-ranks k·k_factor candidates of its compressed stage with the exact vectors.
 A CPU index is the master copy (it is what is saved and mutated); when faiss sees a GPU, searches
 go to a GPU copy made with `index_cpu_to_gpu`, refreshed after every change.
 
@@ -47,6 +56,12 @@ MIN_POINTS_PER_CENTROID = 39
 # nprobe 16 reached recall@10 0.64 and nprobe 64 0.975 (README).
 AUTO_NPROBE_SCAN = 20_000
 AUTO_MIN_NPROBE = 16
+# index.hnsw_ef_search=0: an HNSW search keeps max(AUTO_EF_SEARCH, AUTO_EF_PER_K * k) candidates
+# (faiss's own default is 16, below what k = 10 needs).
+AUTO_EF_SEARCH = 64
+AUTO_EF_PER_K = 2
+# index.refine_k_factor=0: a re-ranked index re-scores k * AUTO_K_FACTOR candidates exactly.
+AUTO_K_FACTOR = 4.0
 
 
 def default_nlist(n: int) -> int:
@@ -61,6 +76,11 @@ def auto_nprobe(nlist: int, ntotal: int) -> int:
         return 0
     per_list = max(ntotal, 1) / nlist
     return min(nlist, max(AUTO_MIN_NPROBE, math.ceil(AUTO_NPROBE_SCAN / per_list)))
+
+
+def auto_ef_search(k: int) -> int:
+    """The HNSW candidate list for `index.hnsw_ef_search=0` at top-k: max(64, 2k)."""
+    return max(AUTO_EF_SEARCH, AUTO_EF_PER_K * int(k))
 
 
 def expand_factory(template: str, nlist: int) -> str:
@@ -78,11 +98,21 @@ class FaissIndex:
     backend = "faiss"
 
     def __init__(
-        self, index: faiss.Index, *, metric: str = "inner_product", factory: str = "", use_gpu: str = "auto"
+        self,
+        index: faiss.Index,
+        *,
+        metric: str = "inner_product",
+        factory: str = "",
+        use_gpu: str = "auto",
+        ef_search: int = 0,
+        k_factor: float = 0.0,
     ):
         self.cpu_index = index
         self.metric = metric
         self.factory = factory
+        # index.hnsw_ef_search / index.refine_k_factor, used when a search does not pass its own (0 = automatic)
+        self.ef_search = _check_ef_search(ef_search)
+        self.k_factor = _check_k_factor(k_factor)
         self._lock = threading.RLock()
         self._gpu_index = None
         self._gpu_res = None
@@ -93,7 +123,14 @@ class FaissIndex:
 
     @classmethod
     def create(
-        cls, factory: str, dim: int, metric: str = "inner_product", use_gpu: str = "auto"
+        cls,
+        factory: str,
+        dim: int,
+        metric: str = "inner_product",
+        use_gpu: str = "auto",
+        *,
+        ef_search: int = 0,
+        k_factor: float = 0.0,
     ) -> FaissIndex:
         """An empty index from a faiss factory string (already expanded, e.g. `IVF181,Flat`)."""
         if metric not in _METRICS:
@@ -109,10 +146,11 @@ class FaissIndex:
         if ivf is not None and hasattr(ivf, "do_polysemous_training"):
             # Polysemous codes only serve Hamming-filtered search, which we never use; training them is slow.
             faiss.downcast_index(ivf).do_polysemous_training = False
-        if ivf is None:
-            # Flat, HNSW, PQ... have no ids of their own: map them to the store's segment ids.
+        if ivf is None or isinstance(index, faiss.IndexRefine):
+            # Flat, HNSW, PQ... have no ids of their own, and a refine stage finds its exact vectors by
+            # position: map them to the store's segment ids.
             index = faiss.IndexIDMap2(index)
-        return cls(index, metric=metric, factory=factory, use_gpu=use_gpu)
+        return cls(index, metric=metric, factory=factory, use_gpu=use_gpu, ef_search=ef_search, k_factor=k_factor)
 
     @property
     def dim(self) -> int:
@@ -130,6 +168,43 @@ class FaissIndex:
     def nlist(self) -> int:
         ivf = faiss.try_extract_index_ivf(self.cpu_index)
         return int(ivf.nlist) if ivf is not None else 0
+
+    @property
+    def has_hnsw(self) -> bool:
+        """True for a graph index (`HNSW32,…`) or an IVF with an HNSW coarse quantizer (`IVF…_HNSW32,…`)."""
+        return _hnsw_of(self.cpu_index) is not None
+
+    @property
+    def has_refine(self) -> bool:
+        """True for an index that re-ranks its candidates exactly (`…,Refine(Flat)`, `…,RFlat`)."""
+        return _refine_of(self.cpu_index) is not None
+
+    def resolve_ef_search(self, ef_search: int, k: int) -> int:
+        """The HNSW candidate list for `index.hnsw_ef_search` (0 = `auto_ef_search(k)`, never below k);
+        0 for an index without a graph."""
+        if not self.has_hnsw:
+            return 0
+        ef_search = _check_ef_search(ef_search)
+        return max(int(k), auto_ef_search(k) if ef_search == 0 else ef_search)
+
+    def resolve_k_factor(self, k_factor: float) -> float:
+        """Candidates re-ranked per result for `index.refine_k_factor` (0 = AUTO_K_FACTOR); 0 without refine."""
+        if not self.has_refine:
+            return 0.0
+        k_factor = _check_k_factor(k_factor)
+        return AUTO_K_FACTOR if k_factor == 0 else max(1.0, float(k_factor))
+
+    def search_settings(self, k: int, nprobe: int = 0) -> dict:
+        """What a top-k search with `index.nprobe=nprobe` and this index's ef_search/k_factor uses (for
+        manifests and reports): only the parameters the index has."""
+        out = {}
+        if self.nlist:
+            out["nprobe"] = self.resolve_nprobe(nprobe)
+        if self.has_hnsw:
+            out["ef_search"] = self.resolve_ef_search(self.ef_search, k)
+        if self.has_refine:
+            out["k_factor"] = self.resolve_k_factor(self.k_factor)
+        return out
 
     def resolve_nprobe(self, nprobe: int) -> int:
         """The lists a search visits for `index.nprobe` (0 = `auto_nprobe`), capped at nlist; 0 for a
@@ -170,7 +245,7 @@ class FaissIndex:
             self._refresh_gpu()
 
     def remove(self, ids) -> int:
-        """Remove vectors by id; returns how many were removed."""
+        """Remove vectors by id; returns how many were removed (a UserError for an index that cannot)."""
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if len(ids) == 0:
             return 0
@@ -178,17 +253,36 @@ class FaissIndex:
             try:
                 removed = int(self.cpu_index.remove_ids(faiss.IDSelectorBatch(ids)))
             except RuntimeError as e:
+                why = (
+                    "an HNSW graph cannot remove vectors"
+                    if _hnsw_of(self.cpu_index, quantizer=False) is not None
+                    else "a re-ranked (Refine) index cannot remove vectors"
+                    if self.has_refine
+                    else "this index type cannot remove vectors"
+                )
                 raise UserError(
-                    f"the index type `{self.factory}` does not support removing vectors; use an IVF "
-                    "or Flat factory string"
+                    f"the index `{self.factory}` cannot remove or replace vectors ({why}); rebuild it without "
+                    "them (`python -m retriever.index --config C`), or use an index.factory that can, such as "
+                    "`IVF{nlist},Flat`, `IVF{nlist}_HNSW32,Flat`, `IVF{nlist},SQ8` or `Flat`"
                 ) from e
             self._refresh_gpu()
         return removed
 
     # ------------------------------------------------------------------ search
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k for (n, dim) queries → (scores (n, k) float32, ids (n, k) int64); id -1 where missing."""
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: int | None = None,
+        *,
+        ef_search: int | None = None,
+        k_factor: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for (n, dim) queries → (scores (n, k) float32, ids (n, k) int64); id -1 where missing.
+
+        `nprobe` None keeps the index's current lists (0 = automatic); `ef_search` / `k_factor` None use
+        this index's configured ones (`self.ef_search`, `self.k_factor`; 0 = automatic)."""
         queries = _as_f32(queries, self.dim)
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -196,8 +290,23 @@ class FaissIndex:
             index = self._gpu_index if self._gpu_index is not None else self.cpu_index
             if nprobe is not None:
                 self._set_nprobe(index, self.resolve_nprobe(nprobe))
+            self._set_graph_params(
+                index,
+                self.resolve_ef_search(self.ef_search if ef_search is None else ef_search, k),
+                self.resolve_k_factor(self.k_factor if k_factor is None else k_factor),
+            )
             scores, ids = index.search(queries, int(k))
         return scores, ids
+
+    def _set_graph_params(self, index, ef_search: int, k_factor: float) -> None:
+        if index is not self.cpu_index:  # a GPU copy: faiss GPU has no HNSW or refine stage to set
+            return
+        if ef_search > 0:
+            for hnsw in _all_hnsw(index):
+                hnsw.efSearch = int(ef_search)
+        refine = _refine_of(index)
+        if refine is not None and k_factor > 0:
+            refine.k_factor = float(k_factor)
 
     def _set_nprobe(self, index, nprobe: int) -> None:
         if nprobe <= 0:  # not an IVF index: nothing to set
@@ -245,7 +354,16 @@ class FaissIndex:
         return full
 
     @classmethod
-    def load(cls, index_dir: Path, manifest: dict, *, use_gpu: str = "auto", verify_sha256: bool = True) -> FaissIndex:
+    def load(
+        cls,
+        index_dir: Path,
+        manifest: dict,
+        *,
+        use_gpu: str = "auto",
+        verify_sha256: bool = True,
+        ef_search: int = 0,
+        k_factor: float = 0.0,
+    ) -> FaissIndex:
         """The index file of a checked manifest (`retriever.vector_store.load_index_dir`), sha256 verified."""
         path = Path(index_dir) / manifest.get("index_file", INDEX_FILE)
         if not path.is_file():
@@ -255,6 +373,7 @@ class FaissIndex:
         index = cls.read(
             path, metric=manifest.get("metric", "inner_product"), factory=manifest.get("factory", ""), use_gpu=use_gpu
         )
+        index.ef_search, index.k_factor = _check_ef_search(ef_search), _check_k_factor(k_factor)
         if "nprobe" in manifest:
             index._set_nprobe(index.cpu_index, index.resolve_nprobe(manifest["nprobe"]))
         return index
@@ -272,6 +391,53 @@ class FaissIndex:
                 "`python -m retriever.index --config C`"
             ) from e
         return cls(index, metric=metric, factory=factory, use_gpu=use_gpu)
+
+
+def _unwrap(index):
+    """The index inside IDMap / PreTransform wrappers, downcast to its real type."""
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def _refine_of(index):
+    """The IndexRefine (or IndexRefineFlat) of `index`, or None."""
+    inner = _unwrap(index)
+    return inner if isinstance(inner, faiss.IndexRefine) else None
+
+
+def _hnsw_of(index, *, quantizer: bool = True):
+    """The HNSW graph of a graph index, else (when `quantizer`) of an IVF's coarse quantizer; or None."""
+    graphs = _all_hnsw(index, quantizer=quantizer)
+    return graphs[0] if graphs else None
+
+
+def _all_hnsw(index, *, quantizer: bool = True) -> list:
+    inner = _unwrap(index)
+    refine = _refine_of(inner)
+    if refine is not None:
+        inner = _unwrap(refine.base_index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return [inner.hnsw]
+    ivf = faiss.try_extract_index_ivf(inner)
+    if quantizer and ivf is not None:
+        q = faiss.downcast_index(ivf.quantizer)
+        if isinstance(q, faiss.IndexHNSW):
+            return [q.hnsw]
+    return []
+
+
+def _check_ef_search(ef_search) -> int:
+    if int(ef_search) < 0:
+        raise UserError(f"index.hnsw_ef_search must be >= 0 (0 = automatic), got {ef_search}")
+    return int(ef_search)
+
+
+def _check_k_factor(k_factor) -> float:
+    if float(k_factor) < 0 or (0 < float(k_factor) < 1):
+        raise UserError(f"index.refine_k_factor must be 0 (automatic) or >= 1, got {k_factor}")
+    return float(k_factor)
 
 
 def _want_gpu(use_gpu: str) -> bool:

@@ -180,6 +180,11 @@ class Retriever:
     def search_settings(self) -> dict:
         """The settings besides index, encoder and store that decide a ranking (for cache keys)."""
         settings = {"nprobe": self.nprobe}
+        # HNSW candidate list / re-rank depth as configured (0 = automatic, a function of k, which the key holds)
+        if getattr(self.index, "has_hnsw", False):
+            settings["ef_search"] = self.index.ef_search
+        if getattr(self.index, "has_refine", False):
+            settings["k_factor"] = self.index.k_factor
         if self.hybrid is not None:
             settings["hybrid"] = self.hybrid.signature()
         return settings
@@ -332,7 +337,12 @@ class Retriever:
                 store_fingerprint=self.store.fingerprint,
                 use_gpu=self.use_gpu,
                 **(
-                    {"backend": self.store_options.backend, "milvus": self.store_options.milvus}
+                    {
+                        "backend": self.store_options.backend,
+                        "milvus": self.store_options.milvus,
+                        "hnsw_ef_search": self.store_options.hnsw_ef_search,
+                        "refine_k_factor": self.store_options.refine_k_factor,
+                    }
                     if self.store_options is not None
                     else {}
                 ),

@@ -121,6 +121,8 @@ class StoreOptions:
     use_gpu: str = "auto"
     verify_sha256: bool = True
     milvus: MilvusOptions = MilvusOptions()
+    hnsw_ef_search: int = 0
+    refine_k_factor: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> StoreOptions:
@@ -129,6 +131,8 @@ class StoreOptions:
             use_gpu=cfg.index.use_gpu,
             verify_sha256=cfg.index.verify_sha256,
             milvus=MilvusOptions.from_config(cfg.index),
+            hnsw_ef_search=cfg.index.hnsw_ef_search,
+            refine_k_factor=cfg.index.refine_k_factor,
         )
 
 
@@ -138,7 +142,14 @@ def create_store(options: StoreOptions, dim: int, *, factory: str, nlist: int, i
     if options.backend == "faiss":
         from retriever.faiss_index import FaissIndex
 
-        return FaissIndex.create(factory, dim, "inner_product", use_gpu=options.use_gpu)
+        return FaissIndex.create(
+            factory,
+            dim,
+            "inner_product",
+            use_gpu=options.use_gpu,
+            ef_search=options.hnsw_ef_search,
+            k_factor=options.refine_k_factor,
+        )
     if options.backend == "milvus":
         from retriever.milvus_store import MilvusStore
 
@@ -196,6 +207,8 @@ def load_index_dir(
     verify_sha256: bool = True,
     backend: str | None = None,
     milvus: MilvusOptions | None = None,
+    hnsw_ef_search: int = 0,
+    refine_k_factor: float = 0.0,
 ) -> tuple[VectorStore, dict]:
     """Open an index directory, refusing a mismatch with the backend (None = whichever built it), the
     encoder, the dim or the segment store."""
@@ -229,7 +242,14 @@ def load_index_dir(
     if built_by == "faiss":
         from retriever.faiss_index import FaissIndex
 
-        index: VectorStore = FaissIndex.load(index_dir, manifest, use_gpu=use_gpu, verify_sha256=verify_sha256)
+        index: VectorStore = FaissIndex.load(
+            index_dir,
+            manifest,
+            use_gpu=use_gpu,
+            verify_sha256=verify_sha256,
+            ef_search=hnsw_ef_search,
+            k_factor=refine_k_factor,
+        )
     elif built_by == "milvus":
         from retriever.milvus_store import MilvusStore
 
@@ -251,4 +271,6 @@ def store_checks(options: StoreOptions) -> dict:
         "verify_sha256": options.verify_sha256,
         "backend": options.backend,
         "milvus": options.milvus,
+        "hnsw_ef_search": options.hnsw_ef_search,
+        "refine_k_factor": options.refine_k_factor,
     }

@@ -60,6 +60,9 @@ def tiny(tmp_path_factory, smol_tokenizer):
     )
     # Factory strings hold commas, so a list of them is given in YAML or, as here, in code.
     cfg.bench.compression = ["IVF{nlist},SQ8", "IVF{nlist},PQ8"]
+    cfg.bench.ann_factories = ["HNSW32,Flat", "IVF{nlist}_HNSW32,Flat", "IVF{nlist},SQ8,Refine(Flat)"]
+    cfg.bench.ann_ef_search_values = [16, 64]
+    cfg.bench.ann_k_factors = [2.0]
     return cfg
 
 
@@ -140,7 +143,8 @@ def test_report_judges_sharing_by_cpu_time_not_the_load_average_at_start():
 
 def test_index_bytes_matches_serialized_size():
     x = _clustered(n=1200)
-    for factory in ("Flat", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ4"):
+    for factory in ("Flat", "IVF16,Flat", "IVF16,SQ8", "IVF16,PQ4", "HNSW16,Flat", "IVF16_HNSW8,Flat",
+                    "IVF16,SQ8,Refine(Flat)", "IVF16,PQ4x4fs,RFlat"):
         index = FaissIndex.create(factory, 16, use_gpu="false")
         ivf = faiss.try_extract_index_ivf(index.cpu_index)
         if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
@@ -166,6 +170,19 @@ def test_compressed_codec_reuses_the_coarse_quantizer_and_recommendation():
     ]
     assert retrieval.recommend_nprobe(rows)["nprobe"] == 4
     assert retrieval.recommend_nprobe(rows[:1])["nprobe"] == 1  # goal out of reach: the most accurate
+
+
+def test_best_row_is_the_fastest_setting_reaching_the_recall_goal():
+    cands = [
+        {"factory": "A", "rows": [{"params": {"nprobe": 4}, "recall@10": 0.99, "qps": 100.0}]},
+        {"factory": "B", "rows": [
+            {"params": {"ef_search": 16}, "recall@10": 0.90, "qps": 900.0},
+            {"params": {"ef_search": 64}, "recall@10": 0.96, "qps": 400.0},
+        ]},
+    ]
+    assert retrieval.best_row(cands, 10, 0.95) == {"factory": "B", "params": {"ef_search": 64}, "recall@10": 0.96,
+                                                   "qps": 400.0}
+    assert retrieval.best_row(cands, 10, 0.995) is None
 
 
 def test_encoder_flop_count_matches_torch_flop_counter():
@@ -217,8 +234,26 @@ def test_retrieval_section(tiny):
     assert r["memory"]["ivfflat_bytes_per_vector"] > r["compressed"][0]["bytes_per_vector"]
     assert r["scale"]["ivf"]["build_memory"]["peak_rss_mb"] > 0
     assert r["fitted_segments"] < r["fit_segments_wanted"]  # the tiny run has a few dozen segments
+    # ANN candidates: every factory built, swept over its own parameters, on the same exact top-10
+    assert [c["factory"] for c in r["ann"]] == [
+        "HNSW32,Flat", f"IVF{ivf['nlist']}_HNSW32,Flat", f"IVF{ivf['nlist']},SQ8,Refine(Flat)"
+    ]
+    hnsw, ivf_hnsw, refine = r["ann"]
+    assert [row["params"] for row in hnsw["rows"]] == [{"ef_search": 16}, {"ef_search": 64}]
+    assert not hnsw["coarse_reused"] and ivf_hnsw["coarse_reused"] and refine["coarse_reused"]
+    assert all(row["params"]["ef_search"] == 64 for row in ivf_hnsw["rows"])  # automatic max(64, 2k)
+    assert {row["params"]["k_factor"] for row in refine["rows"]} == {2.0}
+    # every list searched, and the graph over only a few dozen centroids: IVFFlat's exact answers
+    assert ivf_hnsw["rows"][-1]["recall@10"] == ivf["by_nprobe"][-1]["recall@10"]
+    assert hnsw["rows"][-1]["recall@10"] > 0.9  # a 3,000-vector graph at ef 64
+    dim = r["scale"]["dim"]
+    assert hnsw["bytes_per_vector"] > dim * 4 + 8 and refine["bytes_per_vector"] > dim * 5
+    assert all(c["build_s"] > 0 and c["exact_qps_before_sweep"] > 0 for c in r["ann"])
+    best = r["best"]
+    assert best is not None and best[f"recall@{r['scale']['k']}"] >= retrieval.RECALL_GOAL
     md = retrieval.to_markdown(r)
     assert "recommended" in md and "fewer than bench.fit_segments" in md
+    assert "ANN candidates" in md and "| HNSW32,Flat (exact " in md and "| ef_search 64" in md and "Fastest setting" in md
     assert (
         f"| {ivf['nlist']} (default, `index.nprobe=0`)" in md
         or f"{ivf['nlist']} **(recommended)** (default" in md

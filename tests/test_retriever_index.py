@@ -141,7 +141,7 @@ def test_refuses_mismatched_manifest(tmp_path, data):
         load_index_dir(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("factory", ["IVF{nlist},Flat", "Flat"])
+@pytest.mark.parametrize("factory", ["IVF{nlist},Flat", "Flat", "IVF{nlist}_HNSW16,Flat"])
 def test_add_and_remove_live(factory, data):
     x, _ = data
     index = FaissIndex.create(expand_factory(factory, 8), 16, use_gpu="false")
@@ -163,12 +163,93 @@ def test_add_and_remove_live(factory, data):
 def test_remove_unsupported_and_bad_factory():
     index = FaissIndex.create("HNSW8", 8, use_gpu="false")
     index.add(np.eye(8, dtype=np.float32), np.arange(8))
-    with pytest.raises(UserError, match="does not support removing"):
+    with pytest.raises(UserError, match="an HNSW graph cannot remove vectors"):
         index.remove([1])
     with pytest.raises(UserError, match="not a valid faiss factory"):
         FaissIndex.create("IVFnope,Flat", 8)
     with pytest.raises(UserError, match="faiss sees no GPU"):
         FaissIndex.create("Flat", 8, use_gpu="true")
+
+
+def _recall(got, truth):
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(got, truth)]))
+
+
+def test_hnsw_ef_search_is_applied_and_automatic(tmp_path, data):
+    x, q = data
+    ids = np.arange(len(x)) * 7 + 3  # the store's ids, not positions
+    exact = FaissIndex.create("Flat", 16, use_gpu="false")
+    exact.add(x, ids)
+    _, truth = exact.search(q, 10)
+    index = FaissIndex.create("HNSW8,Flat", 16, use_gpu="false")
+    assert index.has_hnsw and not index.has_refine and index.nlist == 0
+    index.add(x, ids)
+    # 0 = automatic: max(64, 2k), never below k; an explicit value is kept
+    assert index.resolve_ef_search(0, 10) == 64 and index.resolve_ef_search(0, 50) == 100
+    assert index.resolve_ef_search(8, 10) == 10 and index.search_settings(10) == {"ef_search": 64}
+    _, low = index.search(q, 10, ef_search=10)
+    assert _hnsw_ef(index) == 10
+    _, high = index.search(q, 10)  # the index's own setting (0, automatic) when the call gives none
+    assert _hnsw_ef(index) == 64
+    assert set(high.ravel()) <= set(ids) and _recall(high, truth) >= _recall(low, truth)
+    assert _recall(high, truth) > 0.9
+    with pytest.raises(UserError, match="hnsw_ef_search must be >= 0"):
+        index.search(q, 10, ef_search=-1)
+    # the configured value travels with load (index.hnsw_ef_search), not in the file
+    save_index_dir(tmp_path / "index", index, {"encoder": {"name": "enc", "fingerprint": "f"}, "store_fingerprint": "s"})
+    loaded, _ = load_index_dir(tmp_path / "index", use_gpu="false", hnsw_ef_search=200)
+    assert loaded.ef_search == 200
+    loaded.search(q[:1], 10)
+    assert _hnsw_ef(loaded) == 200
+
+
+def _hnsw_ef(index):
+    import faiss
+
+    inner = faiss.downcast_index(index.cpu_index)
+    inner = faiss.downcast_index(inner.index) if isinstance(inner, faiss.IndexIDMap2) else inner
+    if isinstance(inner, faiss.IndexHNSW):
+        return inner.hnsw.efSearch
+    return faiss.downcast_index(faiss.extract_index_ivf(inner).quantizer).hnsw.efSearch
+
+
+def test_ivf_with_hnsw_quantizer_sets_nprobe_and_quantizer_ef(data):
+    x, q = data
+    index = FaissIndex.create("IVF32_HNSW8,Flat", 16, use_gpu="false")
+    assert index.has_hnsw and index.nlist == 32
+    index.train(x)
+    index.add(x, np.arange(len(x)))
+    index.search(q, 5, nprobe=32, ef_search=100)
+    assert _hnsw_ef(index) == 100 and faiss_ivf(index).nprobe == 32
+    assert index.search_settings(5, nprobe=4) == {"nprobe": 4, "ef_search": 64}
+
+
+def faiss_ivf(index):
+    import faiss
+
+    return faiss.extract_index_ivf(index.cpu_index)
+
+
+def test_refine_reranks_with_exact_vectors_under_store_ids(data):
+    x, q = data
+    ids = np.arange(len(x)) + 1000
+    exact = FaissIndex.create("Flat", 16, use_gpu="false")
+    exact.add(x, ids)
+    truth_scores, truth = exact.search(q, 10)
+    index = FaissIndex.create("IVF8,PQ4x4fs,RFlat", 16, use_gpu="false", k_factor=1)
+    assert index.has_refine and not index.has_hnsw and index.nlist == 8
+    index.train(x)
+    index.add(x, ids)
+    _, plain = index.search(q, 10, nprobe=8)  # k_factor 1: the 4-bit PQ order, 2 bytes a vector
+    scores, deep = index.search(q, 10, nprobe=8, k_factor=50)  # 500 candidates re-scored exactly
+    assert set(deep.ravel()) <= set(ids)
+    assert _recall(deep, truth) > 0.95 > _recall(plain, truth)
+    np.testing.assert_allclose(scores[:, 0], truth_scores[:, 0], rtol=1e-5)  # exact scores after re-ranking
+    assert index.resolve_k_factor(0) == 4.0 and index.search_settings(10, nprobe=0)["k_factor"] == 1.0
+    with pytest.raises(UserError, match="Refine"):
+        index.remove([1000])
+    with pytest.raises(UserError, match="refine_k_factor"):
+        index.search(q, 10, k_factor=0.5)
 
 
 def test_search_pads_missing_with_minus_one(data):
