@@ -35,6 +35,7 @@ from typing import Any
 
 from common.atomic import sha256_file
 from common.errors import UserError
+from common.text import first_control_char
 from data_prep.records import Document, QAExample
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,13 @@ def _jsonl_qa(path: Path, bad: BadInput, stats: LoadStats) -> Iterator[tuple[str
         question = obj.get("question")
         if not isinstance(question, str) or not question.strip():
             bad(where, f'QA {qa_id!r}: "question" must be a non-empty string')
+            continue
+        at = first_control_char(question)
+        if at is not None:
+            # Every prompt refuses such a question (lm.prompting.check_question): refused here with its line,
+            # not mid-training.
+            bad(where, f'QA {qa_id!r}: "question" contains the control character U+{ord(question[at]):04X} '
+                       f"at character {at + 1}")
             continue
         answers = obj.get("answers")
         if isinstance(answers, str):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.text import first_control_char
 from data_prep.loaders import LoadStats, iter_jsonl
 from data_prep.records import Document
 
@@ -39,19 +40,14 @@ class Limits:
         )
 
 
-# C0 and C1 control characters, DEL, and the Unicode line/paragraph separators, less the three that plain
-# text carries (\t \n \r): a NUL or an escape sequence in a document is a binary or a mangled file.
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
 def check_text(value: str, what: str) -> None:
     """Refuse control characters other than tab, newline and carriage return in a document's text or title."""
-    m = _CONTROL.search(value)
-    if m is not None:
-        line = value.count("\n", 0, m.start()) + 1
+    at = first_control_char(value)
+    if at is not None:
+        line = value.count("\n", 0, at) + 1
         raise UserError(
-            f"{what} contains the control character U+{ord(m.group()):04X} (line {line}, character "
-            f"{m.start() + 1}); only text is accepted (tabs and newlines are fine): remove it, or save the "
+            f"{what} contains the control character U+{ord(value[at]):04X} (line {line}, character "
+            f"{at + 1}); only text is accepted (tabs and newlines are fine): remove it, or save the "
             "document as plain UTF-8 text"
         )
 

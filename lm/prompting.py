@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.errors import UserError
+from common.text import first_control_char
 from configs.schema import MAX_QUESTION_CHARS
 
 
@@ -20,13 +21,20 @@ class TextSegment:
 
 
 def check_question(question: str, max_chars: int, where: str = "") -> str:
-    """The question with its whitespace collapsed; a UserError (prefixed by `where`) if empty or too long."""
+    """The question with its whitespace collapsed; a UserError (prefixed by `where`) if empty, too long, or
+    holding a control character (a NUL or an escape sequence is a mangled input, not a question)."""
     if not isinstance(question, str) or not question.strip():
         raise UserError(f"{where}the question is empty")
     if len(question) > max_chars:
         raise UserError(
             f"{where}the question has {len(question)} characters; the limit is {max_chars} "
             "(lm.max_question_chars)"
+        )
+    at = first_control_char(question)
+    if at is not None:
+        raise UserError(
+            f"{where}the question contains the control character U+{ord(question[at]):04X} at character "
+            f"{at + 1}; only text is accepted (tabs and newlines are fine)"
         )
     return " ".join(question.split())
 

@@ -163,6 +163,10 @@ QA_CASES = {
         b'{"id": "q1", "question": " ", "answers": ["a"]}\n',
         r'qa\.jsonl:1: .*"question" must',
     ),
+    "control character in a question": (
+        b'{"id": "q1", "question": "x\\u001b?", "answers": ["a"], "gold_doc_id": "d1"}\n',
+        r'qa\.jsonl:1: QA .q1.: "question" contains the control character U\+001B at character 2',
+    ),
     "missing answers": (
         b'{"id": "q1", "question": "x?", "gold_doc_id": "d1"}\n',
         r'qa\.jsonl:1: .*"answers"',
@@ -429,6 +433,9 @@ QUESTION_CASES = {
         r"\(lm\.max_question_chars\)",
     ),
     "over a lowered limit": (["lm.max_question_chars=10", "a longer question?"], r"the limit is 10"),
+    "NUL byte": (["Where was\x00 Ada born?"], r"question 1: the question contains the control character U\+0000 "
+                                                r"at character 10"),
+    "escape sequence": (["ok?", "\x1b[31mred?"], r"question 2: .*control character U\+001B at character 1;"),
     "no question": ([], r"give questions as arguments"),
 }
 
@@ -455,6 +462,7 @@ QUESTION_FILE_CASES = {
         r"questions\.jsonl:1: the question has "
         r"2000 characters",
     ),
+    "control character": (b'{"question": "who\\u0007 is it?"}\n', r"questions\.jsonl:1: .*control character U\+0007"),
     "empty file": (b"\n\n", r"questions\.jsonl holds no questions"),
 }
 
@@ -632,6 +640,8 @@ QUESTION_ENDPOINT_CASES = {
         r"the question has 201 characters; the demo accepts at most "
         r"200 \(lm\.max_question_chars\)",
     ),
+    "NUL in question": (("Who\x00?", None, None), r"the question contains the control character U\+0000 at "
+                                                 r"character 4; type or paste plain text"),
     "unknown mode": (("Who?", "oracle", None), r"mode 'oracle' is not available here"),
     "top_k 0": (("Who?", None, 0), r"top_k must be a whole number from 1 to 10"),
     "top_k too large": (("Who?", None, 11), r"top_k must be a whole number from 1 to 10"),
