@@ -16,3 +16,9 @@ def first_control_char(value: str) -> int | None:
     """Index of the first control character of `value` (tab, newline and carriage return are text), or None."""
     m = CONTROL_CHARS.search(value)
     return None if m is None else m.start()
+
+
+def control_char_note(value: str) -> str | None:
+    """`the control character U+XXXX at character N` (1-based) for the first one in `value`, or None."""
+    at = first_control_char(value)
+    return None if at is None else f"the control character U+{ord(value[at]):04X} at character {at + 1}"

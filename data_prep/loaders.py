@@ -35,7 +35,7 @@ from typing import Any
 
 from common.atomic import sha256_file
 from common.errors import UserError
-from common.text import first_control_char
+from common.text import control_char_note
 from data_prep.records import Document, QAExample
 
 log = logging.getLogger(__name__)
@@ -230,12 +230,11 @@ def _jsonl_qa(path: Path, bad: BadInput, stats: LoadStats) -> Iterator[tuple[str
         if not isinstance(question, str) or not question.strip():
             bad(where, f'QA {qa_id!r}: "question" must be a non-empty string')
             continue
-        at = first_control_char(question)
-        if at is not None:
+        control = control_char_note(question)
+        if control:
             # Every prompt refuses such a question (lm.prompting.check_question): refused here with its line,
             # not mid-training.
-            bad(where, f'QA {qa_id!r}: "question" contains the control character U+{ord(question[at]):04X} '
-                       f"at character {at + 1}")
+            bad(where, f'QA {qa_id!r}: "question" contains {control}')
             continue
         answers = obj.get("answers")
         if isinstance(answers, str):

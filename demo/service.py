@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
-from common.text import first_control_char
+from common.text import control_char_note
 from configs.schema import Config
 from data_prep.records import Segment
 from demo.documents import Limits, pasted_document, uploaded_documents
@@ -177,12 +177,9 @@ class DemoService:
                 f"the question has {len(question)} characters; the demo accepts at most {limit} "
                 "(lm.max_question_chars)"
             )
-        at = first_control_char(question)
-        if at is not None:
-            raise UserError(
-                f"the question contains the control character U+{ord(question[at]):04X} at character {at + 1}; "
-                "type or paste plain text"
-            )
+        bad = control_char_note(question)
+        if bad:
+            raise UserError(f"the question contains {bad}; type or paste plain text")
         if mode is None or (isinstance(mode, str) and not mode.strip()):
             mode = self.default_mode
         mode = mode.strip() if isinstance(mode, str) else mode

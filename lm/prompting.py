@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from common.errors import UserError
-from common.text import first_control_char
+from common.text import control_char_note
 from configs.schema import MAX_QUESTION_CHARS
 
 
@@ -30,12 +30,9 @@ def check_question(question: str, max_chars: int, where: str = "") -> str:
             f"{where}the question has {len(question)} characters; the limit is {max_chars} "
             "(lm.max_question_chars)"
         )
-    at = first_control_char(question)
-    if at is not None:
-        raise UserError(
-            f"{where}the question contains the control character U+{ord(question[at]):04X} at character "
-            f"{at + 1}; only text is accepted (tabs and newlines are fine)"
-        )
+    bad = control_char_note(question)
+    if bad:
+        raise UserError(f"{where}the question contains {bad}; only text is accepted (tabs and newlines are fine)")
     return " ".join(question.split())
 
 
