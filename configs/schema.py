@@ -191,8 +191,10 @@ class KnowledgeEncoderConfig:
         "pool",
         "how the lm_kv backbone's n token K,V become P slots: `pool` (learned attention pooling, trained through "
         "the LM) or `select` (training-free: keep the P positions per layer and head that KVzip's reconstruction "
-        "attention scores highest, at their original positions; the baseline a learned compressor must beat)",
-        choices=("pool", "select"),
+        "attention scores highest, at their original positions; the baseline a learned compressor must beat) or "
+        "`memory` (P learned memory tokens that the LM reads after the segment's K,V; their per-layer K,V are the "
+        "slots, ICAE-style; trained through the LM, best with an encode_lora_rank adapter)",
+        choices=("pool", "select", "memory"),
     )
     pool_rope: str = opt(
         "pre",
@@ -204,8 +206,8 @@ class KnowledgeEncoderConfig:
     encode_lora_rank: int = opt(
         0,
         "rank of a LoRA adapter on the LM's linear layers that is active only while the LM encodes a segment for "
-        "a compressed (`pool`) prefix: the encode pass learns what the slots must carry; the LM that answers "
-        "stays the original (0 = the frozen LM's own K,V)",
+        "a compressed (`pool` or `memory`) prefix: the encode pass learns what the slots must carry (for `memory` "
+        "it adapts the memory tokens' pass only); the LM that answers stays the original (0 = the frozen LM's own K,V)",
     )
     encode_lora_targets: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj"], "names of the LM's linear layers that the encode adapter adapts"

@@ -56,14 +56,18 @@ class EncodeAdapter(nn.Module):
     def _key(name: str) -> str:
         return name.replace(".", "__")
 
-    def encode(self, lm, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The adapted LM's per-layer K,V of right-padded segments: (N, H_kv, n, D) each, with gradients into A, B."""
+    def run(self, lm, **kwargs):
+        """The LM's decoder called with `kwargs` (input_ids or inputs_embeds, attention_mask, …) under the adapted
+        weights W + (alpha / r) B A; the LM object itself is not modified."""
         decoder = lm.get_decoder()
         weights = {}
         for name in self.names:
             base = decoder.get_submodule(name).weight
             delta = self.b[self._key(name)] @ self.a[self._key(name)]
             weights[f"{name}.weight"] = base + (self.scale * delta).to(base.dtype)
-        out = functional_call(decoder, weights, (), {"input_ids": ids, "attention_mask": mask.long(), "use_cache": True})
-        cache = out.past_key_values
+        return functional_call(decoder, weights, (), kwargs)
+
+    def encode(self, lm, ids: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The adapted LM's per-layer K,V of right-padded segments: (N, H_kv, n, D) each, with gradients into A, B."""
+        cache = self.run(lm, input_ids=ids, attention_mask=mask.long(), use_cache=True).past_key_values
         return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]

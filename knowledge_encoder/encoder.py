@@ -21,6 +21,7 @@ from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.adapter import EncodeAdapter
 from knowledge_encoder.compress import KVAttentionPool, KVSelect, slot_mask
 from knowledge_encoder.features import SegmentFeatures
+from knowledge_encoder.memory import MemoryTokens
 from knowledge_encoder.rope import Rope
 from lm.prefix import Prefix
 
@@ -152,11 +153,16 @@ class KnowledgeEncoder(nn.Module):
             self.pool = None
             if self.slots and cfg.compressor == "select":
                 self.pool = KVSelect(self.slots)
+            elif self.slots and cfg.compressor == "memory":
+                if lm is None:
+                    raise ValueError("the memory compressor needs the LM (its memory tokens run through it)")
+                self.pool = MemoryTokens(lm, self.slots, cfg.max_segment_tokens)
+                object.__setattr__(self, "lm", lm)
             elif self.slots:
                 rope = Rope(lm_config) if cfg.pool_rope == "pre" else None
                 self.pool = KVAttentionPool(num_layers, kv_heads, self.slots, head_dim, rope, cfg.slot_bias)
             self.proj = KVProjection(num_layers, kv_heads, head_dim, cfg.projection, cfg.rank)
-            if cfg.encode_lora_rank and self.slots and cfg.compressor == "pool":
+            if cfg.encode_lora_rank and self.slots and cfg.compressor in ("pool", "memory"):
                 if lm is None:
                     raise ValueError("an encode adapter (encode_lora_rank > 0) needs the LM")
                 self.adapter = EncodeAdapter(lm, cfg.encode_lora_rank, list(cfg.encode_lora_targets),
@@ -184,6 +190,9 @@ class KnowledgeEncoder(nn.Module):
                     raise ValueError("the select compressor needs importance scores (SegmentFeatures.scores)")
                 kept = self.pool(keys, values, mask, features.scores)
                 keys, values, mask = kept.keys, kept.values, kept.mask
+            elif isinstance(self.pool, MemoryTokens) and not full:
+                slots = self.pool(self.lm, keys, values, mask, self.adapter)
+                keys, values, mask = slots.keys, slots.values, slots.mask
             elif self.pool is not None and not full:
                 if self.adapter is not None:
                     if features.ids is None:

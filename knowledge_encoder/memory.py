@@ -1,0 +1,64 @@
+"""`MemoryTokens` (`knowledge_encoder.compressor=memory`): P learned tokens that the LM reads after a segment.
+
+The ICAE / 500xCompressor recipe: append P learned memory embeddings to the context, let the LM (with an
+encode-time LoRA adapter, `knowledge_encoder.encode_lora_rank`) read context + memory, and keep the per-layer
+K,V of the memory tokens as the compressed context. Unlike attention pooling, a memory slot at layer l is
+the LM's own K,V of a token that has read the whole segment through l layers of attention and MLPs, so it
+can hold a mixture the pooling of fixed K,V cannot.
+
+Here the segment's K,V are the frozen LM's (the cached `lm_kv` features): only the P memory tokens run
+through the LM, as a continuation of the segment's cache. That keeps a training step cheap (P tokens per
+segment through the LM and back, not n + P) and the features cache as they are; the adapter, when there is
+one, acts on the memory tokens' pass only.
+
+Positions: memory token j of a segment of n tokens sits at min(n, max_tokens - P) + j, so every slot lies
+before the prompt, which starts at max_segment_tokens whatever P is (a longer segment's last tokens and the
+first slots then share positions; attention order, not position, keeps the slots after the segment).
+
+Shapes: N segments right-padded to n tokens (`mask` (N, n)); K,V (N, H_kv, n, D) per layer in;
+slots (N, H_kv, P, D) per layer out; embeddings (P, d_model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from knowledge_encoder.compress import CompressedKV, slot_mask
+
+
+class MemoryTokens(nn.Module):
+    def __init__(self, lm, slots: int, max_tokens: int, seed: int = 0):
+        """Embeddings start as those of P distinct random vocabulary tokens: in the LM's input distribution, and
+        different from each other, so the slots do not start identical."""
+        super().__init__()
+        if slots > max_tokens:
+            raise ValueError(f"{slots} memory tokens do not fit before position {max_tokens}")
+        self.slots, self.max_tokens = slots, max_tokens
+        table = lm.get_input_embeddings().weight
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(table.shape[0], generator=generator)[:slots]
+        self.embeddings = nn.Parameter(table.detach()[rows].float().clone())
+
+    def positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """(N, n) segment mask -> (N, P) RoPE positions of the memory tokens."""
+        start = mask.sum(1).clamp(max=self.max_tokens - self.slots)  # (N,)
+        return start[:, None] + torch.arange(self.slots, device=mask.device)[None, :]
+
+    def forward(self, lm, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor,
+                adapter=None) -> CompressedKV:
+        """The memory tokens' per-layer K,V after the segment's cached K,V; `adapter` (an EncodeAdapter) runs
+        the LM under its LoRA weights."""
+        n, batch = mask.shape[1], mask.shape[0]
+        dtype = lm.get_input_embeddings().weight.dtype
+        cache = DynamicCache(config=lm.config)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k.to(dtype), v.to(dtype), layer)
+        attention = torch.cat([mask, mask.new_ones(batch, self.slots)], dim=1).long()  # (N, n + P)
+        inputs = dict(inputs_embeds=self.embeddings.to(dtype).expand(batch, -1, -1), attention_mask=attention,
+                      position_ids=self.positions(mask), past_key_values=cache, use_cache=True)
+        out = adapter.run(lm, **inputs) if adapter is not None else lm.get_decoder()(**inputs)
+        layers = out.past_key_values.layers
+        return CompressedKV([layer.keys[:, :, n:] for layer in layers], [layer.values[:, :, n:] for layer in layers],
+                            slot_mask(mask, self.slots))
