@@ -196,6 +196,13 @@ class KnowledgeEncoderConfig:
         "slots, ICAE-style; trained through the LM, best with an encode_lora_rank adapter)",
         choices=("pool", "select", "memory"),
     )
+    memory_inputs: str = opt(
+        "learned",
+        "what the `memory` compressor's P tokens read in: `learned` embeddings (started as P random vocabulary "
+        "tokens) or `chunk_mean` (the mean token embedding of the segment's j-th of P equal chunks + a learned "
+        "offset started at zero: each slot starts as a summary of its part of the segment)",
+        choices=("learned", "chunk_mean"),
+    )
     pool_rope: str = opt(
         "pre",
         "keys the `pool` compressor averages: `post` = the LM's RoPE-rotated keys (the first design), `pre` = keys "

@@ -156,7 +156,7 @@ class KnowledgeEncoder(nn.Module):
             elif self.slots and cfg.compressor == "memory":
                 if lm is None:
                     raise ValueError("the memory compressor needs the LM (its memory tokens run through it)")
-                self.pool = MemoryTokens(lm, self.slots, cfg.max_segment_tokens)
+                self.pool = MemoryTokens(lm, self.slots, cfg.max_segment_tokens, cfg.memory_inputs)
                 object.__setattr__(self, "lm", lm)
             elif self.slots:
                 rope = Rope(lm_config) if cfg.pool_rope == "pre" else None
@@ -191,7 +191,7 @@ class KnowledgeEncoder(nn.Module):
                 kept = self.pool(keys, values, mask, features.scores)
                 keys, values, mask = kept.keys, kept.values, kept.mask
             elif isinstance(self.pool, MemoryTokens) and not full:
-                slots = self.pool(self.lm, keys, values, mask, self.adapter)
+                slots = self.pool(self.lm, keys, values, mask, self.adapter, features.ids)
                 keys, values, mask = slots.keys, slots.values, slots.mask
             elif self.pool is not None and not full:
                 if self.adapter is not None:

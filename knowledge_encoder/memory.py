@@ -28,18 +28,40 @@ from transformers import DynamicCache
 from knowledge_encoder.compress import CompressedKV, slot_mask
 
 
+def chunk_means(embeds: torch.Tensor, mask: torch.Tensor, slots: int) -> torch.Tensor:
+    """Mean of each of P equal chunks of every segment's real tokens: (N, n, d), mask (N, n) -> (N, P, d).
+
+    Token i of a segment of length m belongs to chunk floor(i P / m); a chunk without tokens (P > m) is zero."""
+    n = mask.shape[1]
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)  # (N, 1)
+    chunk = (torch.arange(n, device=mask.device)[None, :] * slots // lengths).clamp(max=slots - 1)  # (N, n)
+    member = nn.functional.one_hot(chunk, slots).to(embeds.dtype) * mask[..., None].to(embeds.dtype)  # (N, n, P)
+    sums = member.transpose(1, 2) @ embeds  # (N, P, d)
+    return sums / member.sum(1)[..., None].clamp(min=1)
+
+
 class MemoryTokens(nn.Module):
-    def __init__(self, lm, slots: int, max_tokens: int, seed: int = 0):
-        """Embeddings start as those of P distinct random vocabulary tokens: in the LM's input distribution, and
-        different from each other, so the slots do not start identical."""
+    def __init__(self, lm, slots: int, max_tokens: int, inputs: str = "learned", seed: int = 0):
+        """`inputs`: what memory token j reads in at the embedding layer.
+
+        `learned`: a learned embedding, started as that of one of P distinct random vocabulary tokens (in the
+        LM's input distribution, and different from each other, so the slots do not start identical);
+        `chunk_mean`: the mean token embedding of the segment's j-th of P equal chunks plus a learned offset
+        that starts at zero, so each slot starts as a bag of words of its part of the segment that then reads
+        the whole segment in context."""
         super().__init__()
         if slots > max_tokens:
             raise ValueError(f"{slots} memory tokens do not fit before position {max_tokens}")
-        self.slots, self.max_tokens = slots, max_tokens
+        if inputs not in ("learned", "chunk_mean"):
+            raise ValueError(f"unknown memory token inputs {inputs!r} (learned, chunk_mean)")
+        self.slots, self.max_tokens, self.inputs = slots, max_tokens, inputs
         table = lm.get_input_embeddings().weight
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(table.shape[0], generator=generator)[:slots]
-        self.embeddings = nn.Parameter(table.detach()[rows].float().clone())
+        if inputs == "chunk_mean":
+            self.embeddings = nn.Parameter(torch.zeros(slots, table.shape[1]))
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            rows = torch.randperm(table.shape[0], generator=generator)[:slots]
+            self.embeddings = nn.Parameter(table.detach()[rows].float().clone())
 
     def positions(self, mask: torch.Tensor) -> torch.Tensor:
         """(N, n) segment mask -> (N, P) RoPE positions of the memory tokens."""
@@ -47,16 +69,23 @@ class MemoryTokens(nn.Module):
         return start[:, None] + torch.arange(self.slots, device=mask.device)[None, :]
 
     def forward(self, lm, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor,
-                adapter=None) -> CompressedKV:
+                adapter=None, ids: torch.Tensor | None = None) -> CompressedKV:
         """The memory tokens' per-layer K,V after the segment's cached K,V; `adapter` (an EncodeAdapter) runs
-        the LM under its LoRA weights."""
+        the LM under its LoRA weights; `ids` (N, n), the segments' token ids, are needed by `chunk_mean`."""
         n, batch = mask.shape[1], mask.shape[0]
         dtype = lm.get_input_embeddings().weight.dtype
+        embeds = self.embeddings.to(dtype).expand(batch, -1, -1)  # (N, P, d)
+        if self.inputs == "chunk_mean":
+            if ids is None:
+                raise ValueError("chunk_mean memory tokens need the segments' token ids (SegmentFeatures.ids)")
+            with torch.no_grad():
+                tokens = lm.get_input_embeddings()(ids)  # (N, n, d)
+            embeds = embeds + chunk_means(tokens, mask, self.slots)
         cache = DynamicCache(config=lm.config)
         for layer, (k, v) in enumerate(zip(keys, values)):
             cache.update(k.to(dtype), v.to(dtype), layer)
         attention = torch.cat([mask, mask.new_ones(batch, self.slots)], dim=1).long()  # (N, n + P)
-        inputs = dict(inputs_embeds=self.embeddings.to(dtype).expand(batch, -1, -1), attention_mask=attention,
+        inputs = dict(inputs_embeds=embeds, attention_mask=attention,
                       position_ids=self.positions(mask), past_key_values=cache, use_cache=True)
         out = adapter.run(lm, **inputs) if adapter is not None else lm.get_decoder()(**inputs)
         layers = out.past_key_values.layers

@@ -9,6 +9,7 @@ from configs.schema import Config, KnowledgeEncoderConfig
 from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder
 from knowledge_encoder.features import SegmentFeatures
+from knowledge_encoder.memory import chunk_means
 from lm.forward import forward_with_prefix
 from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import load_models, new_model, save_checkpoint
@@ -110,3 +111,30 @@ def test_memory_checkpoint_round_trip_gives_the_same_prefix(tmp_path, smol_token
     feats = _features(tiny_llama, smol_tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encoder(feats).keys[-1], model.encoder(feats).keys[-1])
+
+
+def test_chunk_means_average_each_of_p_equal_chunks_of_the_real_tokens():
+    embeds = torch.arange(12, dtype=torch.float32).view(1, 6, 2).repeat(2, 1, 1)  # token i = (2i, 2i + 1)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    out = chunk_means(embeds, mask, 3)
+    assert out[0].tolist() == [[1.0, 2.0], [5.0, 6.0], [9.0, 10.0]]  # chunks {0, 1}, {2, 3}, {4, 5}
+    assert out[1].tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]  # one token each, padding ignored
+    assert chunk_means(embeds[:1, :2], mask[:1, :2], 3)[0, 2].tolist() == [0.0, 0.0]  # more slots than tokens
+
+
+def test_chunk_mean_memory_tokens_read_their_chunk_and_need_token_ids(smol_tokenizer, tiny_llama):
+    cfg = KnowledgeEncoderConfig(prefix_slots=4, format_slots=0, compressor="memory", memory_inputs="chunk_mean")
+    enc = KnowledgeEncoder(cfg, tiny_llama.config, lm=tiny_llama)
+    feats = _features(tiny_llama, smol_tokenizer)
+    with torch.no_grad():
+        prefix = enc(feats)
+        length = int(feats.mask[0].sum())
+        ids = feats.ids[:1, :length]
+        tokens = tiny_llama.get_input_embeddings()(ids)
+        embeds = torch.cat([tokens, chunk_means(tokens, feats.mask[:1, :length], 4)], dim=1)
+        positions = torch.arange(length + 4)[None]
+        cache = tiny_llama.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=True).past_key_values
+    torch.testing.assert_close(prefix.values[-1][:1], cache.layers[-1].values[:, :, length:], atol=1e-4, rtol=1e-4)
+    feats.ids = None
+    with pytest.raises(ValueError, match="token ids"):
+        enc(feats)
