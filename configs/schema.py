@@ -364,6 +364,12 @@ class PretrainConfig:
     split: str = opt("train", "which articles' segments are read (the data.split rule); `all` reads the test "
                      "articles too, which is fine for a deployed corpus but not before measuring on it",
                      choices=("train", "dev", "test", "all"))
+    objective: str = opt("continuation", "what the compressed prefix must let the frozen LM do: `continuation` = "
+                         "continue a segment cut at context_fraction as it does after the segment's full K,V (KL on "
+                         "the continuation tokens); `reconstruct` = restate the whole segment after a repeat prompt "
+                         "(cross-entropy on its tokens; ICAE's autoencoding objective)",
+                         choices=("continuation", "reconstruct"))
+    reconstruct_tokens: int = opt(320, "segment tokens restated and scored per segment at most (objective=reconstruct)")
     context_fraction: list[float] = opt([0.5, 0.8], "each segment is cut at a uniformly drawn fraction in this "
                                         "range of its tokens: the part before is compressed, the part after is "
                                         "the continuation")

@@ -3,10 +3,12 @@
     python -m qa.pretrain --config C [--resume] [pretrain.system=dynamic_prefix@p32] [key=value ...]
     python -m qa.train --config C train.init_from=RUN_DIR/pretrain/final ...   # then fine-tune on QA
 
-Each segment of the store (of `pretrain.split`'s articles) is cut at a random point: the frozen LM reads the
-continuation once after the K,V of the whole context (the teacher: exactly the LM having read the text) and
-once after the compressed prefix of the context (the student); the loss is KL(teacher || student) on every
-continuation token. A QA example supervises ~3 answer tokens; a segment supervises up to
+`pretrain.objective=continuation` (the default): each segment of the store (of `pretrain.split`'s articles)
+is cut at a random point: the frozen LM reads the continuation once after the K,V of the whole context (the
+teacher: exactly the LM having read the text) and once after the compressed prefix of the context (the
+student); the loss is KL(teacher || student) on every continuation token. `reconstruct`: the whole segment is
+compressed and the LM must restate it after a repeat prompt (cross-entropy on every segment token; ICAE's
+autoencoding stage). A QA example supervises ~3 answer tokens; a segment supervises up to
 `pretrain.continuation_tokens`, and any corpus in the store format will do (CLaRa and Cartridges report large
 gains from such a stage). Only the knowledge encoder trains (pooling, projections, an encode adapter).
 
@@ -37,6 +39,7 @@ from data_prep.split import in_split
 from data_prep.store import SegmentStore
 from knowledge_encoder.backbones import build_backbone
 from knowledge_encoder.features import SegmentFeatures
+from knowledge_encoder.kvzip import REPEAT_PROMPT
 from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
@@ -111,6 +114,26 @@ def distillation_loss(lm, encoder, features: SegmentFeatures, split: Split, pad_
     return continuation_kl(out.logits, target, mask, temperature)
 
 
+def reconstruction_loss(lm, encoder, features: SegmentFeatures, prompt_ids: list[int], max_tokens: int,
+                        pad_id: int) -> torch.Tensor:
+    """Cross-entropy of each segment's own tokens (its first `max_tokens`), teacher-forced after its compressed
+    prefix and a repeat prompt: ICAE's autoencoding objective. The slots must keep what restating the text
+    needs, which is what copying an answer span out of it needs too.
+
+    Rows are [repeat prompt; segment tokens], left-padded (B, T); logits at t score token t + 1; only segment
+    tokens are scored (B, T - 1 mask)."""
+    student = encoder(features)
+    lengths = features.mask.sum(1).tolist()
+    targets = [features.ids[i, : min(n, max_tokens)].tolist() for i, n in enumerate(lengths)]
+    ids, mask = left_pad([list(prompt_ids) + t for t in targets], pad_id, features.mask.device)
+    scored = torch.zeros_like(mask, dtype=torch.bool)
+    for i, t in enumerate(targets):
+        scored[i, ids.shape[1] - len(t):] = True
+    logits = forward_with_prefix(lm, ids, mask, student).logits[:, :-1]
+    keep = scored[:, 1:]
+    return F.cross_entropy(logits[keep].float(), ids[:, 1:][keep])
+
+
 class Pretrainer:
     def __init__(self, cfg: Config, accelerator, resume: bool = False):
         self.cfg, self.acc = cfg, accelerator
@@ -131,6 +154,7 @@ class Pretrainer:
         self.lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, str(accelerator.device), cfg.lm.dtype)
         self.template = PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
         self.pad_id = tokenizer.pad_token_id or 0
+        self.repeat_ids = tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
         self.store = SegmentStore.open(Path(cfg.run_dir) / "store")
         rule = self.store.manifest.get("split_rule") or {}
         titles = self.store.column("title").to_pylist()
@@ -172,8 +196,12 @@ class Pretrainer:
         if not rows:
             return None  # every segment too short: nothing to learn from this step
         encoder = self.acc.unwrap_model(self.model).encoder
-        loss = distillation_loss(self.lm, encoder, select_rows(features, rows), split, self.pad_id,
-                                 self.cfg.pretrain.temperature)
+        if self.cfg.pretrain.objective == "reconstruct":
+            loss = reconstruction_loss(self.lm, encoder, select_rows(features, rows), self.repeat_ids,
+                                       self.cfg.pretrain.reconstruct_tokens, self.pad_id)
+        else:
+            loss = distillation_loss(self.lm, encoder, select_rows(features, rows), split, self.pad_id,
+                                     self.cfg.pretrain.temperature)
         self.acc.backward(loss)
         self.opt.step()
         self.sched.step()
@@ -218,12 +246,13 @@ class Pretrainer:
             loss = self.train_step()
             self.seconds += time.perf_counter() - t0
             bar.update(1)
+            name = "ce" if pcfg.objective == "reconstruct" else "kl"
             if loss is not None:
-                bar.set_postfix({"kl": f"{loss:.3f}"})
+                bar.set_postfix({name: f"{loss:.3f}"})
             if self.acc.is_main_process and (self.step % pcfg.log_every == 0 or self.step == pcfg.max_steps):
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": self.step, "kl": loss, "lr": self.sched.get_last_lr()[0],
+                    f.write(json.dumps({"step": self.step, name: loss, "lr": self.sched.get_last_lr()[0],
                                         "seconds": self.seconds}) + "\n")
             if pcfg.save_every and self.step % pcfg.save_every == 0 and self.step < pcfg.max_steps:
                 self.save()

@@ -39,7 +39,8 @@ def share(cfg, run_dir: Path) -> Path:
 
 
 def kls(run_dir: Path) -> list[float]:
-    return [json.loads(line)["kl"] for line in (run_dir / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    return [row["kl"] if "kl" in row else row["ce"] for row in rows]
 
 
 def test_distillation_loss_is_zero_when_the_student_is_the_teacher(smol_tokenizer, tiny_llama):
@@ -147,3 +148,32 @@ def test_resume_refuses_a_damaged_training_state(tiny_cfg, tmp_path):
     (state / "pretrainer_state.json").write_text('{"step": 2, "sec')
     with pytest.raises(UserError, match="corrupt training state"):
         pretrain_main(args(tiny_cfg, run, "pretrain.max_steps=4", "pretrain.save_every=2") + ["--resume"])
+
+
+def test_reconstruction_loss_is_lowest_with_the_segment_itself_and_falls_in_training(smol_tokenizer, tiny_cfg,
+                                                                                       tmp_path):
+    """objective=reconstruct: restating a segment is easier after its own K,V than after two pooled slots, and
+    a short qa.pretrain run with it lowers its loss."""
+    from configs.models import load_lm
+    from configs.schema import KnowledgeEncoderConfig
+    from knowledge_encoder.encoder import KnowledgeEncoder
+    from knowledge_encoder.kvzip import REPEAT_PROMPT
+    from qa.pretrain import reconstruction_loss
+
+    lm, _ = load_lm(tiny_cfg.lm.model, None, "cpu", "float32")
+    template = PromptTemplate(smol_tokenizer)
+    segs = [TextSegment("Kaive", "Kaive is a city on the river Ostra, founded by fishermen long ago. " * 2)]
+    feats = LMBackbone(lm, template, 96, scores="kvzip").features(segs)
+    repeat = smol_tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"]
+    full = KnowledgeEncoder(KnowledgeEncoderConfig(prefix_slots=96, compressor="select", format_slots=0), lm.config)
+    pooled = KnowledgeEncoder(KnowledgeEncoderConfig(prefix_slots=2, format_slots=0), lm.config)
+    with torch.no_grad():
+        own = reconstruction_loss(lm, full, feats, repeat, 96, 0).item()
+        two = reconstruction_loss(lm, pooled, feats, repeat, 96, 0).item()
+    assert own < two, (own, two)
+
+    run = share(tiny_cfg, tmp_path / "r")
+    pretrain_main(args(tiny_cfg, run, "pretrain.objective=reconstruct", "pretrain.max_steps=12", "pretrain.lr=3e-2",
+                       "pretrain.save_every=0"))
+    curve = kls(run)
+    assert len(curve) == 12 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
