@@ -6,24 +6,17 @@ import pytest
 import torch
 
 from configs.schema import Config, KnowledgeEncoderConfig
-from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder
 from lm.forward import forward_with_prefix
-from lm.prompting import PromptTemplate, TextSegment
+from lm.prompting import PromptTemplate
 from qa.checkpoint import load_models, new_model, save_checkpoint
 from qa.systems import parse_system
 from tests.conftest import make_tiny_llama
+from tests.encoder_helpers import segment_features, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SEGMENTS = [
-    TextSegment("Velmora Works", "Velmora Works is a company founded in 1873 by Ada Quill in Old Ridelis."),
-    TextSegment("Kaive", "Kaive is a city on the river Ostra."),
-]
-
-
-def _features(lm, tokenizer):
-    return LMBackbone(lm, PromptTemplate(tokenizer), max_tokens=64).features(SEGMENTS)
+_features = segment_features
 
 
 def _adapted(lm, rank=4):
@@ -46,13 +39,7 @@ def test_trained_adapter_changes_the_prefix_but_never_the_answering_lm(smol_toke
     feats = _features(lm, smol_tokenizer)
     enc = _adapted(lm)
     before = enc(feats).keys[0].detach().clone()
-    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
-    ids = torch.tensor([[5, 17, 300], [9, 8, 7]])
-    for _ in range(3):
-        out = forward_with_prefix(lm, ids, torch.ones_like(ids), enc(feats))
-        out.logits.float().pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(lm, enc, feats)
     assert all(p.grad is None for p in lm.parameters())
     assert any(b.abs().sum() > 0 for b in enc.adapter.b.values())
     assert not torch.allclose(enc(feats).keys[0], before, atol=1e-4)

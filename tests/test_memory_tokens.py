@@ -6,26 +6,17 @@ import pytest
 import torch
 
 from configs.schema import Config, KnowledgeEncoderConfig
-from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder
-from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.memory import chunk_means
-from lm.forward import forward_with_prefix
-from lm.prompting import PromptTemplate, TextSegment
+from lm.prompting import PromptTemplate
 from qa.checkpoint import load_models, new_model, save_checkpoint
 from qa.systems import parse_system
 from tests.conftest import make_tiny_llama
+from tests.encoder_helpers import QUESTIONS, segment_features, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SEGMENTS = [
-    TextSegment("Velmora Works", "Velmora Works is a company founded in 1873 by Ada Quill in Old Ridelis."),
-    TextSegment("Kaive", "Kaive is a city on the river Ostra."),
-]
-
-
-def _features(lm, tokenizer) -> SegmentFeatures:
-    return LMBackbone(lm, PromptTemplate(tokenizer), max_tokens=64).features(SEGMENTS)
+_features = segment_features
 
 
 def _encoder(lm, slots=4, rank=0) -> KnowledgeEncoder:
@@ -76,13 +67,8 @@ def test_memory_tokens_and_adapter_train_and_never_change_the_answering_lm(smol_
     enc = _encoder(lm, rank=2)
     before = enc(feats).keys[-1].detach().clone()
     start = enc.pool.embeddings.detach().clone()
-    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2)
-    q = torch.tensor([[5, 17, 300], [9, 8, 7]])
-    for _ in range(3):
-        out = forward_with_prefix(lm, q, torch.ones_like(q), enc(feats))
-        out.logits.float().pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(lm, enc, feats)
+    q = QUESTIONS
     assert all(p.grad is None for p in lm.parameters())
     assert not torch.allclose(enc.pool.embeddings, start)
     assert any(b.abs().sum() > 0 for b in enc.adapter.b.values())
