@@ -196,6 +196,14 @@ class KnowledgeEncoderConfig:
         "slots, ICAE-style; trained through the LM, best with an encode_lora_rank adapter)",
         choices=("pool", "select", "memory"),
     )
+    select_scores: str = opt(
+        "kvzip",
+        "what ranks the positions the `select` compressor keeps: `kvzip` (training-free: KVzip's reconstruction "
+        "attention, per layer and head) or `learned` (a small scorer over the segment's values of every layer "
+        "predicts which tokens answers are made of, one set of positions for all layers; trained by `python -m "
+        "qa.pretrain pretrain.objective=salience` on the answer spans of training questions)",
+        choices=("kvzip", "learned"),
+    )
     memory_inputs: str = opt(
         "learned",
         "what the `memory` compressor's P tokens read in: `learned` embeddings (started as P random vocabulary "
@@ -367,8 +375,13 @@ class PretrainConfig:
     objective: str = opt("continuation", "what the compressed prefix must let the frozen LM do: `continuation` = "
                          "continue a segment cut at context_fraction as it does after the segment's full K,V (KL on "
                          "the continuation tokens); `reconstruct` = restate the whole segment after a repeat prompt "
-                         "(cross-entropy on its tokens; ICAE's autoencoding objective)",
-                         choices=("continuation", "reconstruct"))
+                         "(cross-entropy on its tokens; ICAE's autoencoding objective); `salience` = train the "
+                         "learned selection scorer (knowledge_encoder.compressor=select, select_scores=learned) to "
+                         "rank the tokens of the split's questions' answers first (binary cross-entropy; needs the "
+                         "store's questions, which no other objective reads)",
+                         choices=("continuation", "reconstruct", "salience"))
+    salience_pos_weight: float = opt(4.0, "weight of an answer token against another token in the salience "
+                                     "objective's cross-entropy (answers are ~10% of a SQuAD paragraph's tokens)")
     reconstruct_tokens: int = opt(320, "segment tokens restated and scored per segment at most (objective=reconstruct)")
     context_fraction: list[float] = opt([0.5, 0.8], "each segment is cut at a uniformly drawn fraction in this "
                                         "range of its tokens: the part before is compressed, the part after is "

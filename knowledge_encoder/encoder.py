@@ -23,6 +23,7 @@ from knowledge_encoder.compress import KVAttentionPool, KVSelect, slot_mask
 from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.memory import MemoryTokens
 from knowledge_encoder.rope import Rope
+from knowledge_encoder.salience import SalienceScorer
 from lm.prefix import Prefix
 
 
@@ -149,10 +150,13 @@ class KnowledgeEncoder(nn.Module):
         self.next_position = cfg.max_segment_tokens
         self.kv_backbone = cfg.backbone == "lm_kv"
         self.adapter = None
+        self.scorer = None  # a learned selection scorer (select_scores=learned)
         if self.kv_backbone:
             self.pool = None
             if self.slots and cfg.compressor == "select":
                 self.pool = KVSelect(self.slots)
+                if cfg.select_scores == "learned":
+                    self.scorer = SalienceScorer(num_layers, kv_heads, head_dim)
             elif self.slots and cfg.compressor == "memory":
                 if lm is None:
                     raise ValueError("the memory compressor needs the LM (its memory tokens run through it)")
@@ -186,9 +190,10 @@ class KnowledgeEncoder(nn.Module):
         if self.kv_backbone:
             keys, values = features.keys, features.values
             if isinstance(self.pool, KVSelect) and not full:
-                if features.scores is None:
+                scores = self.scorer.layer_scores(values, mask) if self.scorer is not None else features.scores
+                if scores is None:
                     raise ValueError("the select compressor needs importance scores (SegmentFeatures.scores)")
-                kept = self.pool(keys, values, mask, features.scores)
+                kept = self.pool(keys, values, mask, scores)
                 keys, values, mask = kept.keys, kept.values, kept.mask
             elif isinstance(self.pool, MemoryTokens) and not full:
                 slots = self.pool(self.lm, keys, values, mask, self.adapter, features.ids)

@@ -8,7 +8,9 @@ is cut at a random point: the frozen LM reads the continuation once after the K,
 teacher: exactly the LM having read the text) and once after the compressed prefix of the context (the
 student); the loss is KL(teacher || student) on every continuation token. `reconstruct`: the whole segment is
 compressed and the LM must restate it after a repeat prompt (cross-entropy on every segment token; ICAE's
-autoencoding stage). A QA example supervises ~3 answer tokens; a segment supervises up to
+autoencoding stage). `salience` trains the learned selection scorer of a `select` compressor
+(`knowledge_encoder.select_scores=learned`) to rank the tokens of answers to the split's questions first. A QA
+example supervises ~3 answer tokens; a segment supervises up to
 `pretrain.continuation_tokens`, and any corpus in the store format will do (CLaRa and Cartridges report large
 gains from such a stage). Only the knowledge encoder trains (pooling, projections, an encode adapter).
 
@@ -36,10 +38,11 @@ from configs.cli import build_parser, parse, run_main
 from configs.models import load_lm
 from configs.schema import Config
 from data_prep.split import in_split
-from data_prep.store import SegmentStore
+from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone
 from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.kvzip import REPEAT_PROMPT
+from knowledge_encoder.salience import answer_token_labels, recall_at, salience_loss
 from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
@@ -49,6 +52,17 @@ from qa.systems import parse_system
 from qa.train import lr_lambda, param_groups
 
 log = logging.getLogger("qa.pretrain")
+
+LOSS_NAMES = {"continuation": "kl", "reconstruct": "ce", "salience": "bce"}  # the log key of each objective
+
+
+def segment_answers(store_dir: Path, split: str) -> dict[int, list[str]]:
+    """Store segment id -> the answers of the `split` questions whose gold segment it is."""
+    out: dict[int, list[str]] = {}
+    for ex in load_qa(store_dir, split):
+        for sid in ex.gold_segment_ids:
+            out.setdefault(int(sid), []).extend(ex.answers)
+    return out
 
 
 @dataclass
@@ -162,9 +176,20 @@ class Pretrainer:
                     if in_split(t, pcfg.split, rule.get("seed", 0), rule.get("dev", 0.1), rule.get("test", 0.2))]
         if not self.ids:
             raise UserError(f"{self.store.path} has no segments of `{pcfg.split}` articles")
+        self.answers: dict[int, list[str]] = {}
+        if pcfg.objective == "salience":
+            self.answers = segment_answers(Path(cfg.run_dir) / "store", pcfg.split)
+            self.ids = [i for i in self.ids if i in self.answers]
+            if not self.ids:
+                raise UserError(f"pretrain.objective=salience: no question of `{pcfg.split}` articles has a gold "
+                                f"segment in {self.store.path}; it learns from answer spans")
         backbone = build_backbone(cfg.knowledge_encoder, self.lm, self.template, cfg.retriever.model, accelerator.device)
         self.cache = FeatureCache.from_config(backbone, cfg)
         model = new_model(self.system, cfg, self.lm, self.template, None)
+        if pcfg.objective == "salience" and model.encoder.scorer is None:
+            raise UserError("pretrain.objective=salience trains a learned selection scorer: set "
+                            "knowledge_encoder.compressor=select knowledge_encoder.select_scores=learned")
+        self.last_recall: float | None = None
         if pcfg.init_from:
             loaded = init_encoder_from(model, pcfg.init_from, str(self.system), self.lm.config,
                                        key="pretrain.init_from")
@@ -180,23 +205,37 @@ class Pretrainer:
         if resume:
             self._resume()
 
-    def batch(self, step: int) -> tuple[list[TextSegment], torch.Tensor]:
-        """The segments and cut fractions of a step: a pure function of (seed, step), so a resumed run repeats it."""
+    def batch(self, step: int) -> tuple[list[int], list[TextSegment], torch.Tensor]:
+        """The store ids, segments and cut fractions of a step: a pure function of (seed, step), so a resumed run
+        repeats it."""
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
         ids = [self.ids[rng.randrange(len(self.ids))] for _ in range(self.cfg.pretrain.batch_size)]
         lo, hi = self.cfg.pretrain.context_fraction
         fractions = torch.tensor([rng.uniform(lo, hi) for _ in ids])
-        return [TextSegment(s.title, s.text) for s in self.store.get_many(ids)], fractions
+        return ids, [TextSegment(s.title, s.text) for s in self.store.get_many(ids)], fractions
+
+    def salience_step_loss(self, encoder, ids: list[int], features: SegmentFeatures) -> torch.Tensor:
+        """BCE of the selection scorer against the answer tokens of each segment's questions (N, n labels)."""
+        labels = torch.zeros_like(features.mask)
+        for row, sid in enumerate(ids):
+            n = int(features.mask[row].sum())
+            marked, _ = answer_token_labels(features.ids[row, :n].tolist(), self.answers[sid], self.template.tokenizer)
+            labels[row, :n] = torch.tensor(marked, dtype=torch.bool)
+        logits = encoder.scorer(features.values, features.mask)
+        self.last_recall = recall_at(logits.detach(), labels, encoder.slots)
+        return salience_loss(logits, labels, features.mask, self.cfg.pretrain.salience_pos_weight)
 
     def train_step(self) -> float | None:
         self.step += 1
-        segments, fractions = self.batch(self.step)
+        ids, segments, fractions = self.batch(self.step)
         features = self.cache.get(segments, self.acc.device)
-        rows, split = cut_segments(features, fractions, self.cfg.pretrain)
-        if not rows:
-            return None  # every segment too short: nothing to learn from this step
         encoder = self.acc.unwrap_model(self.model).encoder
-        if self.cfg.pretrain.objective == "reconstruct":
+        rows, split = cut_segments(features, fractions, self.cfg.pretrain)
+        if self.cfg.pretrain.objective == "salience":
+            loss = self.salience_step_loss(encoder, ids, features)
+        elif not rows:
+            return None  # every segment too short: nothing to learn from this step
+        elif self.cfg.pretrain.objective == "reconstruct":
             loss = reconstruction_loss(self.lm, encoder, select_rows(features, rows), self.repeat_ids,
                                        self.cfg.pretrain.reconstruct_tokens, self.pad_id)
         else:
@@ -246,13 +285,14 @@ class Pretrainer:
             loss = self.train_step()
             self.seconds += time.perf_counter() - t0
             bar.update(1)
-            name = "ce" if pcfg.objective == "reconstruct" else "kl"
+            name = LOSS_NAMES[pcfg.objective]
+            shown = {name: loss} if self.last_recall is None else {name: loss, "recall_at_p": self.last_recall}
             if loss is not None:
-                bar.set_postfix({name: f"{loss:.3f}"})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
             if self.acc.is_main_process and (self.step % pcfg.log_every == 0 or self.step == pcfg.max_steps):
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": self.step, name: loss, "lr": self.sched.get_last_lr()[0],
+                    f.write(json.dumps({"step": self.step, **shown, "lr": self.sched.get_last_lr()[0],
                                         "seconds": self.seconds}) + "\n")
             if pcfg.save_every and self.step % pcfg.save_every == 0 and self.step < pcfg.max_steps:
                 self.save()

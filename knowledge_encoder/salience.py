@@ -1,0 +1,82 @@
+"""A learned, question-agnostic token scorer for the `select` compressor (`knowledge_encoder.select_scores=learned`).
+
+KVzip keeps the K,V the LM needs to restate a segment; a SQuAD-style answer is an arbitrary span, and 32 of
+~180 positions chosen for reconstruction rarely hold it. `SalienceScorer` instead learns which tokens answers
+are made of (names, dates, numbers, noun phrases): a small MLP reads each token's values of every layer of
+the frozen LM and predicts whether the token lies inside the answer of some question about its segment.
+Trained on the answer spans of training questions (`qa.pretrain pretrain.objective=salience`); at use it
+needs no question, so prefixes stay precomputable. The idea of a trained token classifier for
+question-agnostic compression is LLMLingua-2's (Pan et al., 2024); here it chooses K,V positions.
+
+Shapes: L layers, H KV heads, D head_dim, N segments, n tokens (right-padded, mask (N, n)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SalienceScorer(nn.Module):
+    """values[l] (N, H, n, D) for every layer -> (N, n) logits: is this token part of an answer?"""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, hidden: int = 128):
+        super().__init__()
+        width = num_layers * kv_heads * head_dim
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)  # layers' values differ in scale by 10x and more
+        self.hidden = nn.Linear(width, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, values: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """(N, n) logits, -inf at padding."""
+        # L x (N, H, n, D) -> (N, n, L*H*D): a token's values of every layer and head side by side.
+        x = torch.cat([v.float().permute(0, 2, 1, 3).flatten(2) for v in values], dim=-1)
+        logits = self.out(F.gelu(self.hidden(self.norm(x)))).squeeze(-1)
+        return logits.masked_fill(~mask, float("-inf"))
+
+    def layer_scores(self, values: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+        """The same (N, H, n) score for every layer and head: one set of positions is kept for all of them."""
+        logits = self(values, mask)
+        heads = values[0].shape[1]
+        return [logits[:, None, :].expand(-1, heads, -1)] * len(values)
+
+
+def answer_token_labels(ids: Sequence[int], answers: Sequence[str], tokenizer) -> tuple[list[bool], int]:
+    """Which of a segment's token ids lie inside an occurrence of one of `answers`; and how many answers were found.
+
+    An answer is looked up as a token sequence, tokenised with and without a leading space (byte-level BPE
+    tokenises a word mid-sentence with its space); every occurrence is marked.
+    """
+    labels = [False] * len(ids)
+    found = 0
+    for answer in answers:
+        hit = False
+        for form in (f" {answer.strip()}", answer.strip()):
+            needle = tokenizer(form, add_special_tokens=False)["input_ids"]
+            if not needle:
+                continue
+            for start in range(len(ids) - len(needle) + 1):
+                if list(ids[start : start + len(needle)]) == needle:
+                    labels[start : start + len(needle)] = [True] * len(needle)
+                    hit = True
+        found += hit
+    return labels, found
+
+
+def salience_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Binary cross-entropy over the real tokens; logits, labels, mask (N, n). Answers are ~10% of tokens, so
+    positives weigh `pos_weight` times a negative."""
+    weight = torch.tensor(pos_weight, device=logits.device)
+    per_token = F.binary_cross_entropy_with_logits(logits.masked_fill(~mask, 0.0), labels.float(),
+                                                   pos_weight=weight, reduction="none")
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def recall_at(logits: torch.Tensor, labels: torch.Tensor, slots: int) -> float:
+    """Fraction of answer tokens among each segment's `slots` highest-scored positions (padding is -inf)."""
+    top = logits.topk(min(slots, logits.shape[1]), dim=-1).indices
+    kept = torch.zeros_like(labels).scatter(1, top, True) & labels
+    return kept.sum().item() / max(labels.sum().item(), 1)

@@ -1,0 +1,92 @@
+"""The learned selection scorer (knowledge_encoder.select_scores=learned) and its qa.pretrain objective."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.errors import UserError
+from configs.schema import KnowledgeEncoderConfig
+from knowledge_encoder.backbones import LMBackbone, feature_kind
+from knowledge_encoder.encoder import KnowledgeEncoder
+from knowledge_encoder.salience import answer_token_labels, recall_at
+from lm.prompting import PromptTemplate, TextSegment
+from qa.checkpoint import load_models
+from qa.pretrain import main as pretrain_main
+from tests.test_pretrain import args, share
+from tests.tiny_run import make_tiny_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "Kaive is a city on the river Ostra, founded in 1204 by fishermen. The river Ostra floods in spring."
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory, smol_tokenizer):
+    return make_tiny_run(tmp_path_factory.mktemp("salience"), smol_tokenizer)
+
+
+def learned(**kw) -> KnowledgeEncoderConfig:
+    return KnowledgeEncoderConfig(**{"compressor": "select", "select_scores": "learned", "format_slots": 0, **kw})
+
+
+def test_answer_token_labels_mark_every_occurrence_and_count_answers_found(smol_tokenizer):
+    ids = smol_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    labels, found = answer_token_labels(ids, ["river Ostra", "1204", "Atlantis"], smol_tokenizer)
+    marked = smol_tokenizer.decode([t for t, keep in zip(ids, labels) if keep])
+    assert found == 2
+    assert marked.count("Ostra") == 2 and "1204" in marked and "Kaive" not in marked and "spring" not in marked
+
+
+def test_recall_at_counts_answer_tokens_among_the_top_scores():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, float("-inf"), 2.0]])
+    labels = torch.tensor([[True, False, True, False], [True, False, False, False]])
+    assert recall_at(logits, labels, 2) == pytest.approx(1 / 3)
+    assert recall_at(logits, labels, 3) == pytest.approx(1.0)
+
+
+def test_learned_selection_keeps_the_positions_its_scorer_ranks_first_in_every_layer(smol_tokenizer, tiny_llama):
+    cfg = learned(prefix_slots=5)
+    assert feature_kind(cfg) == "lm_kv"  # no KVzip pass: the scorer reads the values themselves
+    feats = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 96).features([TextSegment("Kaive", TEXT)])
+    enc = KnowledgeEncoder(cfg, tiny_llama.config)
+    torch.nn.init.normal_(enc.scorer.out.weight)
+    with torch.no_grad():
+        top = enc.scorer(feats.values, feats.mask)[0].topk(5).indices.sort().values
+        prefix = enc(feats)
+    assert prefix.mask.sum().item() == 5
+    for layer, (k, v) in enumerate(zip(feats.keys, feats.values)):
+        assert torch.allclose(prefix.keys[layer][0], k[0][:, top].float(), atol=1e-5)
+        assert torch.allclose(prefix.values[layer][0], v[0][:, top].float(), atol=1e-5)
+
+
+def test_pretrain_salience_lowers_its_loss_keeps_the_heads_and_reloads(tiny_cfg, tmp_path, tiny_llama):
+    run = share(tiny_cfg, tmp_path / "s")
+    keys = ["knowledge_encoder.compressor=select", "knowledge_encoder.select_scores=learned"]
+    pretrain_main(args(tiny_cfg, run, "pretrain.objective=salience", "pretrain.max_steps=15", "pretrain.lr=1e-2",
+                       "pretrain.save_every=0", *keys))
+    rows = [json.loads(line) for line in (run / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    curve = [row["bce"] for row in rows]
+    assert len(curve) == 15 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
+    assert all(0.0 <= row["recall_at_p"] <= 1.0 for row in rows)
+
+    final = run / "pretrain" / "final"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["systems"]["dynamic_prefix@p3"]["knowledge_encoder"]["select_scores"] == "learned"
+    from configs.models import load_lm
+
+    lm, _ = load_lm(tiny_cfg.lm.model, None, "cpu", "float32")
+    model = load_models(final, ["dynamic_prefix@p3"], lm)["dynamic_prefix@p3"]
+    fresh = KnowledgeEncoder(learned(prefix_slots=3, max_segment_tokens=96, format_slots=2), lm.config)
+    trained, start = model.encoder.state_dict(), fresh.state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if k.startswith("scorer."))
+    # Only the scorer learns from answer spans: the K/V heads and format slots get no gradient from it.
+    assert all(torch.equal(trained[k], start[k]) for k in trained if k.startswith("proj."))
+
+
+def test_pretrain_salience_refuses_an_encoder_without_a_learned_scorer(tiny_cfg, tmp_path):
+    run = share(tiny_cfg, tmp_path / "n")
+    with pytest.raises(UserError, match="select_scores=learned"):
+        pretrain_main(args(tiny_cfg, run, "pretrain.objective=salience"))
