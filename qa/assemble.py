@@ -101,8 +101,13 @@ def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = 
                 info["knowledge_encoder"] = dataclasses.asdict(kcfg)
                 info["prefix_slots"] = kcfg.prefix_slots or 0
                 _rewrite_config(tmp / name / "config.yaml", overrides[name])
-            info["source"] = {"checkpoint": str(src), "system": system,
-                              **{k: source[k] for k in PROVENANCE if k in source}}
+            # A system copied from an assembled checkpoint (e.g. the shipped model, to add a system to it) keeps
+            # the run it was trained in; `via` records the copy.
+            if "source" in info:
+                info["source"] = {**info["source"], "via": str(src)}
+            else:
+                info["source"] = {"checkpoint": str(src), "system": system,
+                                  **{k: source[k] for k in PROVENANCE if k in source}}
             manifest["systems"][name] = info
             manifest["assembled_from"].append({"checkpoint": str(src), "system": system, "as": name,
                                                "encoder_overrides": overrides.get(name)})
@@ -143,7 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("entries", nargs="+", metavar="CHECKPOINT:SYSTEM[=NAME]", help="systems to copy")
     parser.add_argument("--encoder", nargs=2, action="append", default=[], metavar=("NAME", "KEY=VALUE,..."),
                         help="knowledge_encoder settings of the copy NAME (e.g. compressor=select,prefix_slots=32)")
-    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at OUT")
+    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at OUT (the whole folder: keep a copy of "
+                        "anything else in it, e.g. a MODEL_CARD.md)")
     parser.add_argument("--metrics", action="append", default=[], metavar="METRICS_JSON",
                         help="an eval.run metrics.json whose rows of the assembled systems go into the manifest")
     ns = parser.parse_args(argv)

@@ -84,3 +84,17 @@ def test_assemble_records_eval_metrics_of_its_systems(tmp_path, smol_tokenizer, 
     bad.write_text("{oops")
     with pytest.raises(UserError, match="metrics.json"):
         assemble(tmp_path / "o2", [f"{tmp_path / 'a'}:dynamic_prefix@pfull"], metrics=[bad])
+
+
+def test_reassembling_an_assembled_checkpoint_keeps_where_each_system_was_trained(tmp_path, smol_tokenizer,
+                                                                                   tiny_llama):
+    """Regression: adding a system to the shipped model (assembling from a copy of it) recorded the copy as the
+    source of the systems already there, losing the run, step and data they were trained with."""
+    _checkpoint(tmp_path / "a", tiny_llama, smol_tokenizer, ["dynamic_prefix@pfull"], 5)
+    _checkpoint(tmp_path / "b", tiny_llama, smol_tokenizer, ["rag_text_tuned"], 9)
+    assemble(tmp_path / "shipped", [f"{tmp_path / 'a'}:dynamic_prefix@pfull"])
+    manifest = assemble(tmp_path / "bigger", [f"{tmp_path / 'shipped'}:dynamic_prefix@pfull",
+                                              f"{tmp_path / 'b'}:rag_text_tuned"])
+    kept = manifest["systems"]["dynamic_prefix@pfull"]["source"]
+    assert kept["checkpoint"] == str(tmp_path / "a") and kept["step"] == 5 and kept["via"] == str(tmp_path / "shipped")
+    assert manifest["systems"]["rag_text_tuned"]["source"]["step"] == 9
