@@ -28,7 +28,7 @@ BUDGET_BYTES = 25 * 2**20
 # EM of dynamic_prefix@pfull on the first QUESTIONS test-article questions read with their gold paragraph,
 # measured when the model shipped (MODEL_CARD.md); the bar leaves room for float differences between CPUs.
 QUESTIONS = 40
-MIN_EM = 0.6  # measured 0.750
+MIN_EM = {"dynamic_prefix@pfull": 0.6, "dynamic_prefix@p32": 0.25}  # measured 0.750 and 0.350
 
 
 def test_shipped_model_belongs_to_the_embedded_lm_and_fits_the_budget():
@@ -70,17 +70,22 @@ def test_shipped_model_answers_held_out_wikipedia_questions_from_their_paragraph
     for ex in examples:
         segment = store.get(ex.gold_segment_ids[0])
         hits.append([Hit(segment.segment_id, 1.0, segment.doc_id, segment.title, segment.text)])
-    qa = QASystem.from_config(cfg, systems=["dynamic_prefix@pfull"], retriever=_NoRetriever())
+    qa = QASystem.from_config(cfg, systems=list(MIN_EM), retriever=_NoRetriever())
     questions = [ex.question for ex in examples]
-    read = qa.answer(questions, mode="dynamic_prefix@pfull", hits=hits)
-    blind = qa.answer(questions, mode="closed_book")
-    em = sum(max(exact_match(p.prediction, a) for a in ex.answers) for p, ex in zip(read, examples)) / QUESTIONS
-    em_blind = sum(max(exact_match(p.prediction, a) for a in ex.answers) for p, ex in zip(blind, examples)) / QUESTIONS
-    report = json.dumps([{"q": ex.question, "gold": ex.answers, "pred": p.prediction} for p, ex in zip(read, examples)],
-                        indent=1)
-    print(f"shipped model: EM {em:.3f} with the gold paragraph, closed book {em_blind:.3f}")
-    assert em >= MIN_EM, report
-    assert em >= em_blind + 0.2, report
+
+    def em_of(mode: str) -> tuple[float, str]:
+        read = qa.answer(questions, mode=mode, hits=hits)
+        em = sum(max(exact_match(p.prediction, a) for a in ex.answers) for p, ex in zip(read, examples)) / QUESTIONS
+        report = json.dumps([{"q": ex.question, "gold": ex.answers, "pred": p.prediction}
+                             for p, ex in zip(read, examples)], indent=1)
+        return em, report
+
+    em_blind, _ = em_of("closed_book")
+    for system, bar in MIN_EM.items():
+        em, report = em_of(system)
+        print(f"shipped {system}: EM {em:.3f} with the gold paragraph, closed book {em_blind:.3f}")
+        assert em >= bar, report
+        assert em >= em_blind + 0.2, report
 
 
 class _NoRetriever:
