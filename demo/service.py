@@ -93,7 +93,14 @@ def demo_systems(cfg: Config) -> tuple[list[str], str]:
             if twin not in systems:
                 systems.append(twin)  # QASystem reads the dynamic_prefix weights for it
     order = list(SYSTEMS)
-    systems.sort(key=lambda n: (order.index(parse_system(n).base), n))
+
+    def rank(name: str) -> tuple:
+        # Per base, the full-length prefix first: it is the most accurate, and the page's default mode (the first
+        # dynamic prefix when qa.mode is not served) must not become a compressed one by alphabetical accident.
+        s = parse_system(name)
+        return order.index(s.base), s.tag not in (None, "pfull"), name
+
+    systems.sort(key=rank)
     return systems, f"checkpoint {_shown(directory)} ({', '.join(held)})"
 
 
