@@ -221,8 +221,8 @@ def test_demo_lists_the_full_length_prefix_before_a_compressed_one(tmp_path):
     """Regression: with dynamic_prefix@p32 shipped beside @pfull, the alphabetical order listed p32 first, so a
     demo whose qa.mode is not served defaulted to the less accurate compressed prefix."""
     systems, _ = demo_systems(load_config(None, [f"run_dir={tmp_path}"]))  # no run checkpoint: the shipped model
-    assert systems == ["closed_book", "rag_text", "dynamic_prefix@pfull", "dynamic_prefix@p32", "combine@pfull",
-                       "combine@p32"]
+    assert systems == ["closed_book", "rag_text", "rag_text_tuned", "dynamic_prefix@pfull", "dynamic_prefix@p32",
+                       "combine@pfull", "combine@p32"]
 
 
 def test_service_modes_defaults_and_examples(service):
@@ -451,8 +451,8 @@ def test_rag_text_answers_a_pasted_fact_with_the_embedded_models(tmp_path):
     index_cli.build_index(cfg, progress=False)
     service = DemoService.from_config(cfg)
     # No run trained a checkpoint: the embedded LM is served with the shipped model's systems too.
-    assert service.modes == ["closed_book", "rag_text", "dynamic_prefix@pfull", "dynamic_prefix@p32", "combine@pfull",
-                             "combine@p32"]
+    assert service.modes == ["closed_book", "rag_text", "rag_text_tuned", "dynamic_prefix@pfull", "dynamic_prefix@p32",
+                             "combine@pfull", "combine@p32"]
     assert service.default_mode == "dynamic_prefix@pfull"
     blocks = build_ui(service)
     url = launch(blocks, service, port=free_port(), block=False, quiet=True)
