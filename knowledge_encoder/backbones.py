@@ -155,8 +155,7 @@ class EncoderBackbone:
 def feature_kind(kcfg) -> str:
     """What a knowledge encoder config's backbone computes per segment: systems with the same kind share
     one feature cache (e.g. `lm_kv`, `lm_kv+kvzip` when the K,V are also scored for selection)."""
-    if (kcfg.backbone == "lm_kv" and kcfg.prefix_slots and kcfg.compressor == "select"
-            and getattr(kcfg, "select_scores", "kvzip") == "kvzip"):
+    if kcfg.backbone == "lm_kv" and kcfg.prefix_slots and kcfg.compressor == "select" and kcfg.select_scores == "kvzip":
         return "lm_kv+kvzip"
     return kcfg.backbone
 

@@ -230,17 +230,20 @@ class Pretrainer:
         ids, segments, fractions = self.batch(self.step)
         features = self.cache.get(segments, self.acc.device)
         encoder = self.acc.unwrap_model(self.model).encoder
-        rows, split = cut_segments(features, fractions, self.cfg.pretrain)
         if self.cfg.pretrain.objective == "salience":
-            loss = self.salience_step_loss(encoder, ids, features)
-        elif not rows:
+            return self._update(self.salience_step_loss(encoder, ids, features))
+        rows, split = cut_segments(features, fractions, self.cfg.pretrain)
+        if not rows:
             return None  # every segment too short: nothing to learn from this step
-        elif self.cfg.pretrain.objective == "reconstruct":
+        if self.cfg.pretrain.objective == "reconstruct":
             loss = reconstruction_loss(self.lm, encoder, select_rows(features, rows), self.repeat_ids,
                                        self.cfg.pretrain.reconstruct_tokens, self.pad_id)
         else:
             loss = distillation_loss(self.lm, encoder, select_rows(features, rows), split, self.pad_id,
                                      self.cfg.pretrain.temperature)
+        return self._update(loss)
+
+    def _update(self, loss: torch.Tensor) -> float:
         self.acc.backward(loss)
         self.opt.step()
         self.sched.step()
