@@ -204,6 +204,13 @@ class KnowledgeEncoderConfig:
         "qa.pretrain pretrain.objective=salience` on the answer spans of training questions)",
         choices=("kvzip", "learned"),
     )
+    scorer_window: int = opt(
+        0,
+        "tokens on each side that the learned selection scorer (select_scores=learned) also reads: 0 = each token "
+        "alone (an MLP over its values); w > 0 adds a depthwise convolution over 2w + 1 neighbouring tokens' "
+        "hidden features (started at zero, so training starts from the per-token scorer), so it can learn to "
+        "keep the rest of a name or a number once one of its tokens is kept",
+    )
     memory_inputs: str = opt(
         "learned",
         "what the `memory` compressor's P tokens read in: `learned` embeddings (started as P random vocabulary "
@@ -350,6 +357,10 @@ class TrainConfig:
     feature_disk_gb: float = opt(12.0, "disk for frozen segment features in run_dir/feature_cache (an LRU shared "
                                   "by training, --resume and evaluation of the run; ~4 MB per SQuAD paragraph "
                                   "with the embedded LM); 0 = RAM only")
+    data_start_step: int = opt(0, "skip the training order's batches up to this step: a run that continues a "
+                                "checkpoint trained N steps on the same data and seed (train.init_from) sets N, so "
+                                "the two runs together read each question once per epoch instead of the first N "
+                                "batches twice")
     init_from: str | None = opt(
         None,
         "a checkpoint whose knowledge-encoder weights start every trained dynamic system of the same name "
@@ -382,6 +393,9 @@ class PretrainConfig:
                          choices=("continuation", "reconstruct", "salience"))
     salience_pos_weight: float = opt(4.0, "weight of an answer token against another token in the salience "
                                      "objective's cross-entropy (answers are ~10% of a SQuAD paragraph's tokens)")
+    dev_segments: int = opt(200, "objective=salience with split=train: segments of dev articles (those with "
+                            "questions) on which each save reports how many answers the scorer's top P keep whole "
+                            "(dev_answers_kept) and its answer-token recall (dev_recall_at_p); 0 = none")
     reconstruct_tokens: int = opt(320, "segment tokens restated and scored per segment at most (objective=reconstruct)")
     context_fraction: list[float] = opt([0.5, 0.8], "each segment is cut at a uniformly drawn fraction in this "
                                         "range of its tokens: the part before is compressed, the part after is "

@@ -23,18 +23,31 @@ from torch import nn
 class SalienceScorer(nn.Module):
     """values[l] (N, H, n, D) for every layer -> (N, n) logits: is this token part of an answer?"""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, hidden: int = 128):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, hidden: int = 128, window: int = 0):
         super().__init__()
+        if window < 0:
+            raise ValueError(f"knowledge_encoder.scorer_window must be >= 0, got {window}")
         width = num_layers * kv_heads * head_dim
         self.norm = nn.LayerNorm(width, elementwise_affine=False)  # layers' values differ in scale by 10x and more
         self.hidden = nn.Linear(width, hidden)
+        self.context = None
+        if window:
+            # Depthwise, zero-initialised and added to each token's own features: training starts from the
+            # per-token scorer and learns how much a neighbour's answer-likeness should count.
+            self.context = nn.Conv1d(hidden, hidden, 2 * window + 1, padding=window, groups=hidden)
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, values: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """(N, n) logits, -inf at padding."""
         # L x (N, H, n, D) -> (N, n, L*H*D): a token's values of every layer and head side by side.
         x = torch.cat([v.float().permute(0, 2, 1, 3).flatten(2) for v in values], dim=-1)
-        logits = self.out(F.gelu(self.hidden(self.norm(x)))).squeeze(-1)
+        h = F.gelu(self.hidden(self.norm(x)))  # (N, n, hidden)
+        if self.context is not None:
+            h = h.masked_fill(~mask[..., None], 0.0)  # padding is no one's neighbour
+            h = h + self.context(h.transpose(1, 2)).transpose(1, 2)  # conv over n: (N, hidden, n)
+        logits = self.out(h).squeeze(-1)
         return logits.masked_fill(~mask, float("-inf"))
 
     def layer_scores(self, values: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
@@ -44,26 +57,42 @@ class SalienceScorer(nn.Module):
         return [logits[:, None, :].expand(-1, heads, -1)] * len(values)
 
 
-def answer_token_labels(ids: Sequence[int], answers: Sequence[str], tokenizer) -> tuple[list[bool], int]:
-    """Which of a segment's token ids lie inside an occurrence of one of `answers`; and how many answers were found.
+def answer_occurrences(ids: Sequence[int], answer: str, tokenizer) -> list[range]:
+    """The token ranges of a segment's ids where `answer` occurs, tokenised with and without a leading space
+    (byte-level BPE tokenises a word mid-sentence with its space)."""
+    found = []
+    for form in (f" {answer.strip()}", answer.strip()):
+        needle = tokenizer(form, add_special_tokens=False)["input_ids"]
+        if not needle:
+            continue
+        for start in range(len(ids) - len(needle) + 1):
+            if list(ids[start : start + len(needle)]) == needle:
+                found.append(range(start, start + len(needle)))
+    return found
 
-    An answer is looked up as a token sequence, tokenised with and without a leading space (byte-level BPE
-    tokenises a word mid-sentence with its space); every occurrence is marked.
-    """
+
+def answer_token_labels(ids: Sequence[int], answers: Sequence[str], tokenizer) -> tuple[list[bool], int]:
+    """Which of a segment's token ids lie inside an occurrence of one of `answers` (every occurrence is
+    marked); and how many answers were found."""
     labels = [False] * len(ids)
     found = 0
     for answer in answers:
-        hit = False
-        for form in (f" {answer.strip()}", answer.strip()):
-            needle = tokenizer(form, add_special_tokens=False)["input_ids"]
-            if not needle:
-                continue
-            for start in range(len(ids) - len(needle) + 1):
-                if list(ids[start : start + len(needle)]) == needle:
-                    labels[start : start + len(needle)] = [True] * len(needle)
-                    hit = True
-        found += hit
+        spans = answer_occurrences(ids, answer, tokenizer)
+        for span in spans:
+            labels[span.start : span.stop] = [True] * len(span)
+        found += bool(spans)
     return labels, found
+
+
+def answers_kept(ids: Sequence[int], kept: set[int], answers: Sequence[str], tokenizer) -> tuple[int, int]:
+    """Of the `answers` found in a segment, how many have an occurrence whose every token is among the `kept`
+    positions (what a reader of the selected K,V can copy whole); returns (kept, found)."""
+    whole = found = 0
+    for answer in answers:
+        spans = answer_occurrences(ids, answer, tokenizer)
+        found += bool(spans)
+        whole += any(all(i in kept for i in span) for span in spans)
+    return whole, found
 
 
 def salience_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos_weight: float) -> torch.Tensor:

@@ -33,7 +33,7 @@ from configs.schema import KnowledgeEncoderConfig
 from qa.checkpoint import LEGACY_ENCODER_KEYS, MANIFEST, read_manifest, verify_weights, weights_sha256
 from qa.systems import parse_system
 
-PROVENANCE = ("step", "data", "train_seconds", "store_fingerprint", "qa_fingerprint", "created")
+PROVENANCE = ("step", "data", "train_seconds", "store_fingerprint", "qa_fingerprint", "created", "continues")
 
 
 def parse_entry(text: str) -> tuple[Path, str, str]:

@@ -42,7 +42,7 @@ from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone
 from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.kvzip import REPEAT_PROMPT
-from knowledge_encoder.salience import answer_token_labels, recall_at, salience_loss
+from knowledge_encoder.salience import answer_token_labels, answers_kept, recall_at, salience_loss
 from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
@@ -177,12 +177,18 @@ class Pretrainer:
         if not self.ids:
             raise UserError(f"{self.store.path} has no segments of `{pcfg.split}` articles")
         self.answers: dict[int, list[str]] = {}
+        self.dev_answers: dict[int, list[str]] = {}
+        self.dev_ids: list[int] = []
+        self.last_dev: dict | None = None
         if pcfg.objective == "salience":
             self.answers = segment_answers(Path(cfg.run_dir) / "store", pcfg.split)
             self.ids = [i for i in self.ids if i in self.answers]
             if not self.ids:
                 raise UserError(f"pretrain.objective=salience: no question of `{pcfg.split}` articles has a gold "
                                 f"segment in {self.store.path}; it learns from answer spans")
+            if pcfg.split == "train" and pcfg.dev_segments:  # held out only when training reads train articles
+                self.dev_answers = segment_answers(Path(cfg.run_dir) / "store", "dev")
+                self.dev_ids = sorted(self.dev_answers)[: pcfg.dev_segments]
         backbone = build_backbone(cfg.knowledge_encoder, self.lm, self.template, cfg.retriever.model, accelerator.device)
         self.cache = FeatureCache.from_config(backbone, cfg)
         model = new_model(self.system, cfg, self.lm, self.template, None)
@@ -225,6 +231,43 @@ class Pretrainer:
         self.last_recall = recall_at(logits.detach(), labels, encoder.slots)
         return salience_loss(logits, labels, features.mask, self.cfg.pretrain.salience_pos_weight)
 
+    @torch.no_grad()
+    def dev_salience(self) -> dict:
+        """How well the scorer's top P of held-out dev segments hold their questions' answers."""
+        encoder = self.acc.unwrap_model(self.model).encoder
+        tokenizer = self.template.tokenizer
+        whole = found = hit_tokens = answer_tokens = 0
+        size = self.cfg.pretrain.batch_size
+        for start in range(0, len(self.dev_ids), size):
+            chunk = self.dev_ids[start : start + size]
+            segments = [TextSegment(s.title, s.text) for s in self.store.get_many(chunk)]
+            features = self.cache.get(segments, self.acc.device)
+            logits = encoder.scorer(features.values, features.mask)
+            for row, sid in enumerate(chunk):
+                n = int(features.mask[row].sum())
+                ids = features.ids[row, :n].tolist()
+                top = set(logits[row, :n].topk(min(encoder.slots, n)).indices.tolist())
+                w, f = answers_kept(ids, top, self.dev_answers[sid], tokenizer)
+                whole, found = whole + w, found + f
+                labels, _ = answer_token_labels(ids, self.dev_answers[sid], tokenizer)
+                hit_tokens += sum(labels[i] for i in top)
+                answer_tokens += sum(labels)
+        return {"dev_answers_kept": whole / max(found, 1), "dev_recall_at_p": hit_tokens / max(answer_tokens, 1),
+                "dev_answers": found, "dev_segments": len(self.dev_ids)}
+
+    def evaluate(self) -> None:
+        """Dev metrics of the salience scorer (if any), logged and kept for the next checkpoint."""
+        if not self.dev_ids:
+            return
+        self.model.eval()
+        self.last_dev = self.dev_salience()
+        self.model.train()
+        log.info("step %d: %s", self.step, json.dumps(self.last_dev))
+        if self.acc.is_main_process:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, **self.last_dev}) + "\n")
+
     def train_step(self) -> float | None:
         self.step += 1
         ids, segments, fractions = self.batch(self.step)
@@ -256,6 +299,8 @@ class Pretrainer:
             model = self.acc.unwrap_model(self.model)
             extra = {"step": self.step, "store_fingerprint": self.store.fingerprint, "train_seconds": self.seconds,
                      "pretrain": {"split": self.cfg.pretrain.split, "segments": len(self.ids)}}
+            if self.last_dev is not None:
+                extra["pretrain"]["dev"] = self.last_dev
             save_checkpoint(target, {str(self.system): model}, self.cfg, self.lm.config, extra)
             with atomic_dir(self.out_dir / "state") as tmp:
                 self.acc.save_state(str(tmp), safe_serialization=True)
@@ -298,8 +343,10 @@ class Pretrainer:
                     f.write(json.dumps({"step": self.step, **shown, "lr": self.sched.get_last_lr()[0],
                                         "seconds": self.seconds}) + "\n")
             if pcfg.save_every and self.step % pcfg.save_every == 0 and self.step < pcfg.max_steps:
+                self.evaluate()
                 self.save()
         bar.close()
+        self.evaluate()
         if self.step < pcfg.max_steps:
             log.info("stopped at step %d of %d (pretrain.stop_at_step); continue with --resume", self.step,
                      pcfg.max_steps)

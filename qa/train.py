@@ -231,7 +231,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         self.step += 1
         losses = {}
-        micro = self._shard(self.order.batch(self.step))
+        micro = self._shard(self.order.batch(self.step + self.cfg.train.data_start_step))
         accum = self.cfg.train.grad_accum
         chunks = [micro[i::accum] for i in range(accum)]
         segment_emb = None
@@ -312,6 +312,9 @@ class Trainer:
                      "qa_fingerprint": self.store.qa_fingerprint, "data": self.data_stats,
                      "train_seconds": self.seconds,
                      "retriever_index_sha256": self.retriever.manifest.get("sha256") if self.retriever else None}
+            if self.cfg.train.init_from:  # a continued run: where its weights and its data position came from
+                extra["continues"] = {"init_from": self.cfg.train.init_from,
+                                      "data_start_step": self.cfg.train.data_start_step}
             save_checkpoint(target, models, self.cfg, self.lm.config, extra, retriever=self.joint)
             fault_point("train.checkpoint_saved")
         state_dir = self.ckpt_dir / "state"

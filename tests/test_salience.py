@@ -11,7 +11,7 @@ from common.errors import UserError
 from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.backbones import LMBackbone, feature_kind
 from knowledge_encoder.encoder import KnowledgeEncoder
-from knowledge_encoder.salience import answer_token_labels, recall_at
+from knowledge_encoder.salience import answer_token_labels, answers_kept, recall_at
 from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import load_models
 from qa.pretrain import main as pretrain_main
@@ -67,13 +67,19 @@ def test_pretrain_salience_lowers_its_loss_keeps_the_heads_and_reloads(tiny_cfg,
     keys = ["knowledge_encoder.compressor=select", "knowledge_encoder.select_scores=learned"]
     pretrain_main(args(tiny_cfg, run, "pretrain.objective=salience", "pretrain.max_steps=15", "pretrain.lr=1e-2",
                        "pretrain.save_every=0", *keys))
-    rows = [json.loads(line) for line in (run / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    rows = [row for row in lines if "bce" in row]
     curve = [row["bce"] for row in rows]
     assert len(curve) == 15 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
     assert all(0.0 <= row["recall_at_p"] <= 1.0 for row in rows)
+    # Held-out dev segments are scored at the end: answers kept whole by the top P, answer-token recall.
+    dev = [row for row in lines if "dev_answers_kept" in row]
+    assert len(dev) == 1 and dev[0]["step"] == 15 and dev[0]["dev_answers"] > 0
+    assert 0.0 <= dev[0]["dev_answers_kept"] <= 1.0 and 0.0 <= dev[0]["dev_recall_at_p"] <= 1.0
 
     final = run / "pretrain" / "final"
     manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["pretrain"]["dev"] == {k: v for k, v in dev[0].items() if k != "step"}
     assert manifest["systems"]["dynamic_prefix@p3"]["knowledge_encoder"]["select_scores"] == "learned"
     from configs.models import load_lm
 
@@ -90,3 +96,29 @@ def test_pretrain_salience_refuses_an_encoder_without_a_learned_scorer(tiny_cfg,
     run = share(tiny_cfg, tmp_path / "n")
     with pytest.raises(UserError, match="select_scores=learned"):
         pretrain_main(args(tiny_cfg, run, "pretrain.objective=salience"))
+
+
+def test_answers_kept_needs_every_token_of_an_occurrence(smol_tokenizer):
+    ids = smol_tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    labels, _ = answer_token_labels(ids, ["river Ostra"], smol_tokenizer)
+    marked = [i for i, x in enumerate(labels) if x]
+    first = set(marked[: len(marked) // 2])  # the first occurrence whole, nothing of the second
+    assert answers_kept(ids, first, ["river Ostra", "1204", "Atlantis"], smol_tokenizer) == (1, 2)
+    assert answers_kept(ids, set(marked[1:-1]), ["river Ostra"], smol_tokenizer) == (0, 1)
+
+
+def test_a_windowed_scorer_starts_as_the_per_token_one_and_ignores_padding(smol_tokenizer, tiny_llama):
+    backbone = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 96)
+    feats = backbone.features([TextSegment("Kaive", TEXT[:40]), TextSegment("Kaive", TEXT)])
+    plain = KnowledgeEncoder(learned(prefix_slots=5), tiny_llama.config).scorer
+    windowed = KnowledgeEncoder(learned(prefix_slots=5, scorer_window=2), tiny_llama.config).scorer
+    windowed.load_state_dict({**plain.state_dict(), **{k: v for k, v in windowed.state_dict().items()
+                                                       if k.startswith("context.")}})
+    with torch.no_grad():
+        assert torch.equal(plain(feats.values, feats.mask), windowed(feats.values, feats.mask))
+        torch.nn.init.normal_(windowed.context.weight)
+        both = windowed(feats.values, feats.mask)
+        alone = windowed([v[:1] for v in feats.values], feats.mask[:1])
+    n = int(feats.mask[0].sum())
+    assert n < feats.mask.shape[1] and torch.allclose(both[0, :n], alone[0, :n], atol=1e-5)
+    assert not torch.allclose(both[0, :n], plain(feats.values, feats.mask)[0, :n])

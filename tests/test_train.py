@@ -88,6 +88,24 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_cfg, tmp_pat
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
+def test_a_continued_run_reads_the_batches_after_the_first_runs(tiny_cfg, tmp_path, monkeypatch):
+    """train.data_start_step=N with train.init_from: step 1 of the continuation reads batch N + 1 of the order."""
+    from qa.train import Trainer
+
+    seen: list[list[int]] = []
+    real_shard = Trainer._shard
+    monkeypatch.setattr(Trainer, "_shard", lambda self, ids: seen.append(list(ids)) or real_shard(self, ids))
+    common = ("train.systems=dynamic_prefix@p2",)
+    first = run_train(tiny_cfg, *common, "train.max_steps=3", f"run_dir={share_run_data(tiny_cfg, tmp_path / 'a')}")
+    straight = seen[:]
+    seen.clear()
+    run_train(tiny_cfg, *common, "train.max_steps=2", "train.data_start_step=1",
+              f"train.init_from={first / 'checkpoints' / 'final'}", f"run_dir={share_run_data(tiny_cfg, tmp_path / 'b')}")
+    assert len(straight) == 3 and seen == straight[1:]
+    manifest = json.loads((tmp_path / "b" / "checkpoints" / "final" / "manifest.json").read_text())
+    assert manifest["continues"] == {"init_from": str(first / "checkpoints" / "final"), "data_start_step": 1}
+
+
 def test_untrainable_system_is_refused(tiny_cfg):
     with pytest.raises(UserError, match="nothing to train"):
         run_train(tiny_cfg, "train.systems=rag_text")
