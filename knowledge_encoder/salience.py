@@ -84,14 +84,12 @@ def answer_token_labels(ids: Sequence[int], answers: Sequence[str], tokenizer) -
     return labels, found
 
 
-def answers_kept(ids: Sequence[int], kept: set[int], answers: Sequence[str], tokenizer) -> tuple[int, int]:
-    """Of the `answers` found in a segment, how many have an occurrence whose every token is among the `kept`
-    positions (what a reader of the selected K,V can copy whole); returns (kept, found)."""
-    whole = found = 0
-    for answer in answers:
-        spans = answer_occurrences(ids, answer, tokenizer)
-        found += bool(spans)
-        whole += any(all(i in kept for i in span) for span in spans)
+def answers_kept(occurrences: Sequence[Sequence[range]], kept: set[int]) -> tuple[int, int]:
+    """Of a segment's answers, given each one's `answer_occurrences`, how many were found and how many have an
+    occurrence whose every token is among the `kept` positions (what a reader of the selected K,V can copy
+    whole); returns (kept, found)."""
+    found = sum(bool(spans) for spans in occurrences)
+    whole = sum(any(all(i in kept for i in span) for span in spans) for spans in occurrences)
     return whole, found
 
 

@@ -42,7 +42,13 @@ from data_prep.store import SegmentStore, load_qa
 from knowledge_encoder.backbones import build_backbone
 from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.kvzip import REPEAT_PROMPT
-from knowledge_encoder.salience import answer_token_labels, answers_kept, recall_at, salience_loss
+from knowledge_encoder.salience import (
+    answer_occurrences,
+    answer_token_labels,
+    answers_kept,
+    recall_at,
+    salience_loss,
+)
 from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
@@ -247,11 +253,12 @@ class Pretrainer:
                 n = int(features.mask[row].sum())
                 ids = features.ids[row, :n].tolist()
                 top = set(logits[row, :n].topk(min(encoder.slots, n)).indices.tolist())
-                w, f = answers_kept(ids, top, self.dev_answers[sid], tokenizer)
+                occurrences = [answer_occurrences(ids, a, tokenizer) for a in self.dev_answers[sid]]
+                w, f = answers_kept(occurrences, top)
                 whole, found = whole + w, found + f
-                labels, _ = answer_token_labels(ids, self.dev_answers[sid], tokenizer)
-                hit_tokens += sum(labels[i] for i in top)
-                answer_tokens += sum(labels)
+                answer_positions = {i for spans in occurrences for span in spans for i in span}
+                hit_tokens += len(answer_positions & top)
+                answer_tokens += len(answer_positions)
         return {"dev_answers_kept": whole / max(found, 1), "dev_recall_at_p": hit_tokens / max(answer_tokens, 1),
                 "dev_answers": found, "dev_segments": len(self.dev_ids)}
 

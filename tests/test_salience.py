@@ -11,7 +11,7 @@ from common.errors import UserError
 from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.backbones import LMBackbone, feature_kind
 from knowledge_encoder.encoder import KnowledgeEncoder
-from knowledge_encoder.salience import answer_token_labels, answers_kept, recall_at
+from knowledge_encoder.salience import answer_occurrences, answer_token_labels, answers_kept, recall_at
 from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import load_models
 from qa.pretrain import main as pretrain_main
@@ -103,8 +103,11 @@ def test_answers_kept_needs_every_token_of_an_occurrence(smol_tokenizer):
     labels, _ = answer_token_labels(ids, ["river Ostra"], smol_tokenizer)
     marked = [i for i, x in enumerate(labels) if x]
     first = set(marked[: len(marked) // 2])  # the first occurrence whole, nothing of the second
-    assert answers_kept(ids, first, ["river Ostra", "1204", "Atlantis"], smol_tokenizer) == (1, 2)
-    assert answers_kept(ids, set(marked[1:-1]), ["river Ostra"], smol_tokenizer) == (0, 1)
+    def occurrences(answers):
+        return [answer_occurrences(ids, a, smol_tokenizer) for a in answers]
+
+    assert answers_kept(occurrences(["river Ostra", "1204", "Atlantis"]), first) == (1, 2)
+    assert answers_kept(occurrences(["river Ostra"]), set(marked[1:-1])) == (0, 1)
 
 
 def test_a_windowed_scorer_starts_as_the_per_token_one_and_ignores_padding(smol_tokenizer, tiny_llama):
