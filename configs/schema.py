@@ -300,6 +300,21 @@ class QAConfig:
         "the answer a piece of the retrieved segments' text (extractive answers)",
         choices=("free", "span"),
     )
+    reading: str = opt(
+        "joint",
+        "how a system that retrieves reads top_k > 1 segments: `joint` = all k in one prompt or prefix (what "
+        "training does); `each` = every segment alone, then one answer kept by qa.reading_rule (for a reader "
+        "trained on one segment; costs k reader passes, batched)",
+        choices=("joint", "each"),
+    )
+    no_answer: str = opt("unanswerable", "the answer a reader trained with train.negatives gives when its segment "
+                         "does not answer; qa.reading=each never keeps it while another segment answers")
+    reading_rule: str = opt(
+        "sum",
+        "qa.reading=each: `sum` = RAG-Sequence marginal, the answer whose segments give it the most probability in "
+        "total (agreeing segments add up); `max` = the single most probable answer",
+        choices=("sum", "max"),
+    )
 
 
 @dataclass
@@ -325,6 +340,10 @@ class TrainConfig:
                                     "no test article is read, even as a distractor, by any training command")
     shuffle_segments: bool = opt(False, "training only: put each question's k segments in a random order (seeded), so "
                                  "the reader learns to pick the segment that answers rather than a position")
+    negatives: int = opt(0, "hard negatives per question (needs retriever.top_k=1): its best-ranked retrieved train "
+                         "segments without an answer string, each read alone with the target qa.no_answer, so the "
+                         "reader learns to abstain where the answer is not (what qa.reading=each needs to pick among "
+                         "k segments); 0 = none")
     retrieval: str = opt("cached", "`cached`: top-k per question retrieved once, fingerprinted by index, encoder and "
                          "store (the only mode: the index stays fixed during training, so an online search would "
                          "return the same hits)", choices=("cached",))

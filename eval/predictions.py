@@ -72,6 +72,8 @@ def setups(
             }
             if cfg.qa.decoding != "free":  # absent for free decoding, so earlier predictions stay valid
                 setup["decoding"] = cfg.qa.decoding
+            if cfg.qa.reading != "joint":  # likewise absent for the default
+                setup["reading"] = f"{cfg.qa.reading}:{cfg.qa.reading_rule}:{cfg.qa.no_answer}"
         if run.system.ablation:
             setup["ablation_seed"] = cfg.seed
         if run.system.trainable:
@@ -140,6 +142,7 @@ class PredictionLog:
 def prediction_row(ex: QAExample, pred, run: Run, setup: str) -> dict:
     """The predictions.jsonl row of one answer of `run`."""
     matcher = AnswerMatcher(ex.answers)
+    extra = {"candidates": pred.candidates, "chosen_rank": pred.chosen_rank} if pred.candidates else {}
     return {
         "id": ex.id,
         "question": ex.question,
@@ -160,6 +163,7 @@ def prediction_row(ex: QAExample, pred, run: Run, setup: str) -> dict:
         "prompt_tokens": int(pred.prompt_tokens),
         "prefix_slots": int(pred.prefix_slots),
         "setup": setup,
+        **extra,
     }
 
 

@@ -48,11 +48,15 @@ def greedy_generate(
     max_new_tokens: int,
     on_token: Callable[[int, int], None] | None = None,
     choose: Callable[[int, torch.Tensor, list[int]], int] | None = None,
+    logprobs: list[list[float]] | None = None,
 ) -> list[list[int]]:
     """Generate for a left-padded batch (B, T). Returns the new token ids per row, stop token excluded.
 
     `on_token(row, token_id)` is called for every kept token as it is produced (for streaming).
     `choose(row, logits (V,), tokens_so_far) -> token_id` replaces the argmax (e.g. `lm.span.SpanConstraint`).
+    `logprobs`, an empty list, receives per row the LM's log-probability of each chosen token, the stop token
+    included (its log-probability says how sure the LM is that the answer ends there): the sum of a row is
+    log p(answer + stop | prompt, prefix) under the unconstrained distribution.
     """
     batch = input_ids.shape[0]
     out = forward_with_prefix(lm, input_ids, attention_mask, prefix, logits_to_keep=1)
@@ -62,6 +66,8 @@ def greedy_generate(
     position = prompt_positions(attention_mask, start)[:, -1:]
     done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     results: list[list[int]] = [[] for _ in range(batch)]
+    if logprobs is not None:
+        logprobs[:] = [[] for _ in range(batch)]
     logits = out.logits[:, -1]
     for _ in range(max_new_tokens):
         next_ids = logits.argmax(-1)
@@ -69,9 +75,13 @@ def greedy_generate(
             for row in range(batch):
                 if not done[row]:
                     next_ids[row] = choose(row, logits[row], results[row])
+        if logprobs is not None:
+            chosen = torch.log_softmax(logits.float(), -1).gather(1, next_ids[:, None])[:, 0].tolist()
         for row, tid in enumerate(next_ids.tolist()):
             if done[row]:
                 continue
+            if logprobs is not None:
+                logprobs[row].append(chosen[row])
             if tid in stop.ids:
                 done[row] = True
                 continue

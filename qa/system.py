@@ -30,6 +30,7 @@ from lm.span import SpanConstraint
 from qa.batching import Batcher, Example, FeatureCache
 from qa.checkpoint import MANIFEST, SHIPPED_MODEL, load_models, read_manifest
 from qa.model import PrefixQAModel, QABatch
+from qa.reading import Candidate, choose_answer
 from qa.systems import SystemName, parse_system
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,20 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)  # retrieve_ms, encode_ms, generate_ms per question
     prompt_tokens: int = 0
     prefix_slots: int = 0
+    candidates: list[dict] = field(default_factory=list)  # qa.reading=each: every segment's answer (Candidate rows)
+    chosen_rank: int | None = None  # qa.reading=each: the rank of the segment whose answer was kept
+
+
+@dataclass
+class _Reading:
+    """One batch of greedy answers, row by row, with what they cost."""
+
+    texts: list[str]
+    logprobs: list[float]  # log p(answer + stop | question, segments), unconstrained
+    prompt_tokens: list[int]
+    prefix_slots: list[int]
+    encode_s: float
+    generate_s: float
 
 
 EMBEDDED_LM = "embedded:smollm2-135m"
@@ -96,6 +111,9 @@ class QASettings:
     run_dir: Path
     mode: str  # qa.mode: the system `answer` uses when none is named
     decoding: str  # qa.decoding: free | span
+    reading: str  # qa.reading: joint | each
+    reading_rule: str  # qa.reading_rule: sum | max
+    no_answer: str  # qa.no_answer: what a reader trained with negatives says where a segment does not answer
     top_k: int  # retriever.top_k
     retriever_model: str  # retriever.model, for the `retriever` knowledge-encoder backbone
     batch_size: int  # eval.batch_size: questions per generation batch
@@ -112,7 +130,8 @@ class QASettings:
     def from_config(cls, cfg: Config) -> QASettings:
         kcfg = cfg.knowledge_encoder
         return cls(
-            run_dir=Path(cfg.run_dir), mode=cfg.qa.mode, decoding=cfg.qa.decoding, top_k=cfg.retriever.top_k,
+            run_dir=Path(cfg.run_dir), mode=cfg.qa.mode, decoding=cfg.qa.decoding, reading=cfg.qa.reading,
+            reading_rule=cfg.qa.reading_rule, no_answer=cfg.qa.no_answer, top_k=cfg.retriever.top_k,
             retriever_model=cfg.retriever.model, batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.lm.max_new_tokens, system_prompt=cfg.lm.system_prompt,
             max_question_chars=cfg.lm.max_question_chars, prefix_store=kcfg.prefix_store,
@@ -258,7 +277,8 @@ class QASystem:
                on_token: Callable[[int, str], None] | None = None) -> list[Prediction]:
         """Answer questions in one mode. `hits` overrides retrieval (ablations, the demo's source view).
 
-        `on_token(i, text_so_far)` streams the answer of question i as it is generated.
+        `on_token(i, text_so_far)` streams the answer of question i as it is generated (with
+        `qa.reading=each` and k > 1, once, when the answer is chosen).
         """
         s = self.settings
         system = parse_system(mode or s.mode)
@@ -275,35 +295,63 @@ class QASystem:
             if system.kind.retrieves:
                 chunk_hits = [list(h) for h in hits[start:start + batch_size]] if hits is not None else self.retrieve(chunk, k)
             t1 = time.perf_counter()
-            examples = [
-                Example(q, [TextSegment(h.title, h.text) for h in hs], [h.segment_id for h in hs])
-                for q, hs in zip(chunk, chunk_hits)
-            ]
-            batch, prefix = self.prepare(system, model, examples)
-            t2 = time.perf_counter()
-            stream = None if on_token is None else _Streamer(self.tokenizer, on_token, start, len(chunk))
-            choose = None
-            if s.decoding == "span" and system.kind.retrieves:
-                texts = [[f"{h.title}\n{h.text}" for h in hs] for hs in chunk_hits]
-                choose = SpanConstraint(self.tokenizer, texts, self.stop)
-            generated = greedy_generate(self.lm, batch.input_ids, batch.attention_mask, prefix, self.stop,
-                                        s.max_new_tokens, on_token=stream, choose=choose)
-            t3 = time.perf_counter()
+            each = s.reading == "each" and system.kind.retrieves and any(len(hs) > 1 for hs in chunk_hits)
+            if each:
+                # One row per (question, segment): row r reads segment r % k' of question r // k' alone.
+                rows = [(i, [h]) for i, hs in enumerate(chunk_hits) for h in hs]
+            else:
+                rows = list(enumerate(chunk_hits))
+            stream = None if on_token is None or each else _Streamer(self.tokenizer, on_token, start, len(chunk))
+            read = self._read(system, model, [chunk[i] for i, _ in rows], [hs for _, hs in rows], stream)
+            t2, t3 = t1 + read.encode_s, t1 + read.encode_s + read.generate_s
             n = len(chunk)
             timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1) * 1e3 / n,
                        "generate_ms": (t3 - t2) * 1e3 / n}
-            for i, (q, ids) in enumerate(zip(chunk, generated)):
+            for i, q in enumerate(chunk):
+                mine = [r for r, (row_q, _) in enumerate(rows) if row_q == i]
+                candidates = [Candidate(rank, rows[r][1][0].segment_id if rows[r][1] else None, read.texts[r],
+                                        read.logprobs[r]) for rank, r in enumerate(mine)]
+                chosen = choose_answer(candidates, s.reading_rule, s.no_answer) if each else candidates[0]
+                if each and on_token is not None:
+                    on_token(start + i, chosen.text)
                 out.append(Prediction(
                     question=q,
-                    prediction=self.template.decode_answer(ids),
+                    prediction=chosen.text,
                     mode=str(system),
                     retrieved=chunk_hits[i],
                     latency_ms=sum(timings.values()),
                     timings=dict(timings),
-                    prompt_tokens=int(batch.attention_mask[i].sum()),
-                    prefix_slots=0 if prefix is None else int(prefix.mask[i].sum()),
+                    prompt_tokens=sum(read.prompt_tokens[r] for r in mine),
+                    prefix_slots=sum(read.prefix_slots[r] for r in mine),
+                    candidates=[c.as_row() for c in candidates] if each else [],
+                    chosen_rank=chosen.rank if each else None,
                 ))
         return out
+
+    def _read(self, system: SystemName, model: PrefixQAModel | None, questions: Sequence[str],
+              hits: Sequence[Sequence], stream) -> _Reading:
+        """Greedy answers of `questions[r]` reading the segments `hits[r]`, one batch, with their log-probs."""
+        t0 = time.perf_counter()
+        examples = [Example(q, [TextSegment(h.title, h.text) for h in hs], [h.segment_id for h in hs])
+                    for q, hs in zip(questions, hits)]
+        batch, prefix = self.prepare(system, model, examples)
+        t1 = time.perf_counter()
+        choose = None
+        if self.settings.decoding == "span" and system.kind.retrieves:
+            texts = [[f"{h.title}\n{h.text}" for h in hs] for hs in hits]
+            choose = SpanConstraint(self.tokenizer, texts, self.stop)
+        logprobs: list[list[float]] = []
+        generated = greedy_generate(self.lm, batch.input_ids, batch.attention_mask, prefix, self.stop,
+                                    self.settings.max_new_tokens, on_token=stream, choose=choose, logprobs=logprobs)
+        t2 = time.perf_counter()
+        return _Reading(
+            texts=[self.template.decode_answer(ids) for ids in generated],
+            logprobs=[sum(lp) for lp in logprobs],
+            prompt_tokens=[int(m.sum()) for m in batch.attention_mask],
+            prefix_slots=[0] * len(examples) if prefix is None else [int(m.sum()) for m in prefix.mask],
+            encode_s=t1 - t0,
+            generate_s=t2 - t1,
+        )
 
     def generate(self, questions: Sequence[str]) -> list[str]:
         return [p.prediction for p in self.answer(questions)]

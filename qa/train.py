@@ -49,7 +49,14 @@ from qa.joint_retriever import JointRetriever, candidate_logprobs, check_joint_c
 from qa.retrieval_cache import cached_hits
 from qa.system import QASettings, QASystem
 from qa.systems import parse_systems
-from qa.training_data import BatchOrder, ExampleStats, make_examples, sample_dev
+from qa.training_data import (
+    BatchOrder,
+    ExampleStats,
+    hard_negatives,
+    make_examples,
+    sample_dev,
+    with_negatives,
+)
 from retriever.search import Hit
 
 log = logging.getLogger("qa.train")
@@ -185,6 +192,7 @@ class Trainer:
         needs_retrieval = any(s.kind.retrieves for s in self.systems)
         k = cfg.retriever.top_k
         self.retriever = None
+        self.negatives: dict[str, list] = {}  # question id -> hard negatives (train.negatives)
         train_hits, dev_hits = {}, {}
         if needs_retrieval:
             from retriever.encoder import Encoder
@@ -202,8 +210,18 @@ class Trainer:
             else:
                 train_hits = cached_hits(self.retriever, train_qa, k, cache_dir, progress=self.acc.is_main_process)
             dev_hits = cached_hits(self.retriever, dev_qa, k, cache_dir, progress=self.acc.is_main_process)
+            if cfg.train.negatives:
+                if k != 1:
+                    raise UserError(f"train.negatives={cfg.train.negatives} needs retriever.top_k=1 (each negative is "
+                                    f"read alone, as qa.reading=each reads), got top_k={k}")
+                keep = train_segment_ids(self.store) if cfg.train.train_segments_only else None
+                deep = cached_hits(self.retriever, train_qa, 1 + 10, cache_dir, progress=self.acc.is_main_process)
+                self.negatives = hard_negatives(train_qa, deep, cfg.train.negatives, keep)
         else:
             k = 0
+            if cfg.train.negatives:
+                raise UserError("train.negatives needs a system that retrieves (dynamic_prefix, rag_text_tuned, "
+                                "combine)")
         stats = ExampleStats()
         shuffle = cfg.seed if cfg.train.shuffle_segments else None
         self.train_examples = make_examples(train_qa, train_hits, k, self.store, cfg.train.force_gold and k > 0, stats,
@@ -213,7 +231,8 @@ class Trainer:
                                        cfg.seed)
         self.data_stats = {"train_questions": len(train_qa), "train_examples": stats.total,
                            "gold_forced": stats.gold_forced, "skipped_no_gold": stats.skipped_no_gold,
-                           "dev_examples": len(self.dev_examples), "top_k": k}
+                           "dev_examples": len(self.dev_examples), "top_k": k,
+                           "negatives": sum(len(v) for v in self.negatives.values())}
         log.info("training data: %s", self.data_stats)
 
     def _shard(self, indices: list[int]) -> list:
@@ -245,7 +264,8 @@ class Trainer:
             system = model.module.system if hasattr(model, "module") else model.system
             total = 0.0
             for i, chunk in enumerate(chunks):
-                batch = self.batcher.build(chunk, system, with_labels=True)
+                read = with_negatives(chunk, self.negatives, self.cfg.qa.no_answer) if system.kind.retrieves else chunk
+                batch = self.batcher.build(read, system, with_labels=True)
                 with self._autocast():
                     _, loss = model(batch)
                 self.acc.backward(loss / accum)

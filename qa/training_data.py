@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.answers import AnswerMatcher
 from data_prep.records import QAExample
 from lm.prompting import TextSegment
 from qa.batching import Example
@@ -57,6 +58,33 @@ def make_examples(qa: Sequence[QAExample], hits: dict[str, list], k: int, store=
         ))
     stats.total = len(out)
     return out
+
+
+def hard_negatives(qa: Sequence[QAExample], deep_hits: dict[str, list], n: int, keep: set[int] | None = None,
+                   ) -> dict[str, list[tuple[int, TextSegment]]]:
+    """{question id: its n best-ranked retrieved segments that are not gold and hold no answer string}.
+
+    A reader trained to say `qa.no_answer` on these learns to abstain where the question's answer is not,
+    which is what lets `qa.reading=each` tell the segment that answers from the ones that only look alike.
+    `keep` restricts negatives to those segment ids (training reads train articles only)."""
+    out: dict[str, list[tuple[int, TextSegment]]] = {}
+    for ex in qa:
+        matcher = AnswerMatcher(ex.answers)
+        gold = set(ex.gold_segment_ids)
+        picked = [(h.segment_id, TextSegment(h.title, h.text)) for h in deep_hits.get(ex.id, [])
+                  if h.segment_id not in gold and (keep is None or h.segment_id in keep)
+                  and not matcher(h.title + " " + h.text)]
+        if picked:
+            out[ex.id] = picked[:n]
+    return out
+
+
+def with_negatives(chunk: Sequence[Example], negatives: dict[str, list[tuple[int, TextSegment]]],
+                   no_answer: str) -> list[Example]:
+    """`chunk` followed by one Example per hard negative of its questions, each read alone, answer `no_answer`."""
+    extra = [Example(question=ex.question, segments=[seg], segment_ids=[sid], answers=[no_answer], id=ex.id)
+             for ex in chunk for sid, seg in negatives.get(ex.id, [])]
+    return list(chunk) + extra
 
 
 class BatchOrder:
