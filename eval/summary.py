@@ -208,6 +208,7 @@ def run_config(
         "dtype": cfg.lm.dtype,
         "max_new_tokens": cfg.lm.max_new_tokens,
         "decoding": cfg.qa.decoding,
+        "reading": cfg.qa.reading if cfg.qa.reading == "joint" else f"{cfg.qa.reading}:{cfg.qa.reading_rule}",
         "retriever": cfg.retriever.model if retriever is not None else None,
         "index": None
         if retriever is None

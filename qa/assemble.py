@@ -125,13 +125,16 @@ def _add_metrics(manifest: dict, path: Path) -> None:
         raise UserError(f"--metrics {path}: not a readable metrics.json ({err})") from err
     rows = data.get("systems") or {}
     sweep = data.get("k_sweep") or {}
+    config = data.get("config") or {}
     setup = {"file": str(path), "n": data.get("n"), "split": data.get("split"),
-             "decoding": (data.get("config") or {}).get("decoding", "free")}
+             "decoding": config.get("decoding", "free"), "reading": config.get("reading", "joint")}
     for name, info in manifest["systems"].items():
         if name in rows:
             info.setdefault("metrics", []).append({**setup, "row": name, **rows[name]})
+        main_k = (rows.get(name) or {}).get("k")
         for k, row in (sweep.get(name) or {}).items():  # eval.k_values: the same system at other k
-            info.setdefault("metrics", []).append({**setup, "row": f"{name} k={k}", "k": int(k), **row})
+            if int(k) != main_k:  # the main row already holds retriever.top_k's numbers
+                info.setdefault("metrics", []).append({**setup, "row": f"{name} k={k}", "k": int(k), **row})
 
 
 def _rewrite_config(path: Path, changes: dict) -> None:
