@@ -307,8 +307,11 @@ class QASystem:
             n = len(chunk)
             timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1) * 1e3 / n,
                        "generate_ms": (t3 - t2) * 1e3 / n}
+            rows_of: list[list[int]] = [[] for _ in chunk]  # question i -> its rows, in rank order
+            for r, (row_q, _) in enumerate(rows):
+                rows_of[row_q].append(r)
             for i, q in enumerate(chunk):
-                mine = [r for r, (row_q, _) in enumerate(rows) if row_q == i]
+                mine = rows_of[i]
                 candidates = [Candidate(rank, rows[r][1][0].segment_id if rows[r][1] else None, read.texts[r],
                                         read.logprobs[r]) for rank, r in enumerate(mine)]
                 chosen = choose_answer(candidates, s.reading_rule, s.no_answer) if each else candidates[0]

@@ -21,6 +21,7 @@ re-embeds. See qa/joint_retriever.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -202,11 +203,13 @@ class Trainer:
             encoder = Encoder.from_config(cfg, dtype="float32") if cfg.train.joint_retriever else None
             self.retriever = open_retriever(cfg, encoder=encoder)
             cache_dir = self.run_dir / "cache"
-            if cfg.train.train_segments_only and k > 1:
-                # Retrieve deeper, then keep the train articles' segments: no test article is read in training.
-                keep = train_segment_ids(self.store)
-                deep = cached_hits(self.retriever, train_qa, k + 10, cache_dir, progress=self.acc.is_main_process)
-                train_hits = {q: [h for h in hs if h.segment_id in keep][:k] for q, hs in deep.items()}
+            keep = train_segment_ids(self.store) if cfg.train.train_segments_only else None
+            # Retrieve 10 deeper than needed, so that k train-article segments (or N negatives) remain after
+            # test and dev articles' segments are dropped: no test article is read in training.
+            deep_hits = functools.partial(cached_hits, self.retriever, train_qa, cache_dir=cache_dir,
+                                          progress=self.acc.is_main_process)
+            if keep is not None and k > 1:
+                train_hits = {q: [h for h in hs if h.segment_id in keep][:k] for q, hs in deep_hits(k + 10).items()}
             else:
                 train_hits = cached_hits(self.retriever, train_qa, k, cache_dir, progress=self.acc.is_main_process)
             dev_hits = cached_hits(self.retriever, dev_qa, k, cache_dir, progress=self.acc.is_main_process)
@@ -214,9 +217,8 @@ class Trainer:
                 if k != 1:
                     raise UserError(f"train.negatives={cfg.train.negatives} needs retriever.top_k=1 (each negative is "
                                     f"read alone, as qa.reading=each reads), got top_k={k}")
-                keep = train_segment_ids(self.store) if cfg.train.train_segments_only else None
-                deep = cached_hits(self.retriever, train_qa, 1 + 10, cache_dir, progress=self.acc.is_main_process)
-                self.negatives = hard_negatives(train_qa, deep, cfg.train.negatives, keep)
+                self.negatives = hard_negatives(train_qa, deep_hits(cfg.train.negatives + 10), cfg.train.negatives,
+                                                keep)
         else:
             k = 0
             if cfg.train.negatives:

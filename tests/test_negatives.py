@@ -84,3 +84,20 @@ def test_negatives_need_top_1_reading(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="needs retriever.top_k=1"):
         run_train(tiny_cfg, "train.systems=dynamic_prefix@pfull", "train.max_steps=1", "train.negatives=1",
                   "retriever.top_k=2", f"run_dir={share_run_data(tiny_cfg, tmp_path / 'b')}")
+
+
+def test_negatives_beyond_ten_are_mined_deep_enough(tiny_cfg, tmp_path, monkeypatch):
+    """Regression: negatives were mined from a fixed top-11, so train.negatives=N > 10 gave fewer than N."""
+    import qa.train
+
+    mined: list[dict] = []
+    real = qa.train.hard_negatives
+
+    def record(*a, **kw):
+        mined.append(real(*a, **kw))
+        return mined[-1]
+
+    monkeypatch.setattr(qa.train, "hard_negatives", record)
+    run_train(tiny_cfg, "train.systems=dynamic_prefix@pfull", "train.max_steps=1", "train.negatives=12",
+              f"run_dir={share_run_data(tiny_cfg, tmp_path / 'c')}")
+    assert max(len(v) for v in mined[0].values()) == 12
