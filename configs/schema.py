@@ -211,6 +211,13 @@ class KnowledgeEncoderConfig:
         "hidden features (started at zero, so training starts from the per-token scorer), so it can learn to "
         "keep the rest of a name or a number once one of its tokens is kept",
     )
+    select_skip_repeats: bool = opt(
+        False,
+        "learned selection (select_scores=learned) passes over a position that repeats a token already kept in "
+        "the same local context (the same token id after the same token, or before the same token), so a name "
+        "that occurs twice in a segment takes its slots once and the slots saved go to the next answer-like "
+        "tokens; selection only, the scorer is unchanged",
+    )
     memory_inputs: str = opt(
         "learned",
         "what the `memory` compressor's P tokens read in: `learned` embeddings (started as P random vocabulary "

@@ -190,7 +190,11 @@ class KnowledgeEncoder(nn.Module):
         if self.kv_backbone:
             keys, values = features.keys, features.values
             if isinstance(self.pool, KVSelect) and not full:
-                scores = self.scorer.layer_scores(values, mask) if self.scorer is not None else features.scores
+                if self.scorer is not None:
+                    repeats = self.cfg.select_skip_repeats and features.ids is not None
+                    scores = self.scorer.layer_scores(values, mask, features.ids if repeats else None, self.slots)
+                else:
+                    scores = features.scores
                 if scores is None:
                     raise ValueError("the select compressor needs importance scores (SegmentFeatures.scores)")
                 kept = self.pool(keys, values, mask, scores)

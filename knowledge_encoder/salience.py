@@ -50,11 +50,42 @@ class SalienceScorer(nn.Module):
         logits = self.out(h).squeeze(-1)
         return logits.masked_fill(~mask, float("-inf"))
 
-    def layer_scores(self, values: Sequence[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
-        """The same (N, H, n) score for every layer and head: one set of positions is kept for all of them."""
+    def layer_scores(self, values: Sequence[torch.Tensor], mask: torch.Tensor, ids: torch.Tensor | None = None,
+                     slots: int = 0) -> list[torch.Tensor]:
+        """The same (N, H, n) score for every layer and head: one set of positions is kept for all of them.
+        With token `ids` (N, n) and `slots`, repeats of a kept token are moved behind the rest (skip_repeats)."""
         logits = self(values, mask)
+        if ids is not None and slots:
+            logits = skip_repeats(logits.detach(), ids, mask, slots)
         heads = values[0].shape[1]
         return [logits[:, None, :].expand(-1, heads, -1)] * len(values)
+
+
+def skip_repeats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, slots: int) -> torch.Tensor:
+    """logits (N, n) -> (N, n) whose top `slots` positions skip repeats: walking positions from the highest
+    score down, one whose token id was already kept after the same previous token, or before the same next
+    token, is pushed below every other position. A name that occurs twice then fills its slots once (one
+    context token may differ at each end of the second occurrence, and the check catches it from the other
+    side), while the same first token of two different names (" North Daikaissa", " North Drinudal") is kept
+    for both. Selection only: the result carries no gradient."""
+    out = logits.clone()
+    below = logits.masked_fill(~mask, float("inf")).amin(dim=1) - 1.0  # (N,) under every real score
+    for row in range(logits.shape[0]):
+        n = int(mask[row].sum())
+        tok = ids[row, :n].tolist()
+        seen: set[tuple[int, int, int]] = set()  # (token, neighbour, side): side 0 = previous, 1 = next
+        kept = 0
+        for pos in logits[row, :n].argsort(descending=True).tolist():
+            prev = tok[pos - 1] if pos else -1
+            nxt = tok[pos + 1] if pos + 1 < n else -1
+            if (tok[pos], prev, 0) in seen or (tok[pos], nxt, 1) in seen:
+                out[row, pos] = below[row] - pos / n  # behind all, in position order
+                continue
+            seen.update({(tok[pos], prev, 0), (tok[pos], nxt, 1)})
+            kept += 1
+            if kept == slots:
+                break
+    return out
 
 
 def answer_occurrences(ids: Sequence[int], answer: str, tokenizer) -> list[range]:

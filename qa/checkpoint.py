@@ -129,7 +129,8 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-s
 # What a checkpoint saved before a knowledge_encoder key existed was trained with: a missing key means the
 # behaviour of that time, not today's default (pool_rope and slot_bias changed default when measured better).
 LEGACY_ENCODER_KEYS = {"pool_rope": "post", "slot_bias": False, "compressor": "pool", "encode_lora_rank": 0,
-                       "select_scores": "kvzip", "scorer_window": 0}
+                       "select_scores": "kvzip", "scorer_window": 0,
+                       "select_skip_repeats": False}
 
 
 def saved_encoder_config(saved: dict) -> KnowledgeEncoderConfig:

@@ -11,7 +11,13 @@ from common.errors import UserError
 from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.backbones import LMBackbone, feature_kind
 from knowledge_encoder.encoder import KnowledgeEncoder
-from knowledge_encoder.salience import answer_occurrences, answer_token_labels, answers_kept, recall_at
+from knowledge_encoder.salience import (
+    answer_occurrences,
+    answer_token_labels,
+    answers_kept,
+    recall_at,
+    skip_repeats,
+)
 from lm.prompting import PromptTemplate, TextSegment
 from qa.checkpoint import load_models
 from qa.pretrain import main as pretrain_main
@@ -45,6 +51,46 @@ def test_recall_at_counts_answer_tokens_among_the_top_scores():
     labels = torch.tensor([[True, False, True, False], [True, False, False, False]])
     assert recall_at(logits, labels, 2) == pytest.approx(1 / 3)
     assert recall_at(logits, labels, 3) == pytest.approx(1.0)
+
+
+def test_skip_repeats_keeps_a_repeated_name_once_and_both_names_sharing_a_first_token():
+    # tokens: 0 "in" 1 North 2 Dai 3 . 4 of 5 North 6 Dai 7 , 8 North 9 Dri 10 pad
+    ids = torch.tensor([[7, 1, 2, 3, 4, 1, 2, 5, 1, 6, 0]])
+    mask = torch.tensor([[True] * 10 + [False]])
+    logits = torch.tensor([[0.0, 9, 9, 0, 0, 8, 8, 0, 7, 7, float("-inf")]])
+    out = skip_repeats(logits, ids, mask, slots=4)
+    # "North Dai" at 5-6 repeats 1-2 (6 follows the same token as 2; 5 precedes the same token as 1).
+    assert out[0].topk(4).indices.sort().values.tolist() == [1, 2, 8, 9]
+    assert out[0, 10] == float("-inf") and out[0, 5] < out[0, 0] and out[0, 6] < out[0, 0]
+    assert torch.equal(skip_repeats(logits, ids, mask, slots=2)[0, 5:7], logits[0, 5:7])  # not reached: unchanged
+
+
+def test_select_skip_repeats_changes_what_the_encoder_keeps(smol_tokenizer, tiny_llama):
+    text = "Upper Filmuskain lies west. Upper Filmuskain trades salt."
+    feats = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 96).features([TextSegment("X", text)])
+    plain = KnowledgeEncoder(learned(prefix_slots=6), tiny_llama.config)
+    skipping = KnowledgeEncoder(learned(prefix_slots=6, select_skip_repeats=True), tiny_llama.config)
+    skipping.load_state_dict(plain.state_dict())
+    ids = feats.ids[0].tolist()
+    name = smol_tokenizer(" Filmuskain", add_special_tokens=False)["input_ids"]
+    starts = [i for i in range(len(ids)) if ids[i:i + len(name)] == name]
+    assert len(starts) == 2
+    with torch.no_grad():  # the scorer ranks both occurrences of the name first
+        plain.scorer.out.weight.zero_()
+        plain.scorer.out.bias.zero_()
+        skipping.load_state_dict(plain.state_dict())
+        bump = torch.zeros(len(ids))
+        for s in starts:
+            bump[s:s + len(name)] = 5.0
+        for enc in (plain, skipping):
+            enc.scorer.forward = lambda values, mask, b=bump: b[None, :].clone()
+        kept_plain = plain(feats).values[-1][0, 0]
+        kept_skip = skipping(feats).values[-1][0, 0]
+    v = feats.values[-1][0, 0].float()  # the last layer's values differ between two occurrences of a token
+    second = {s for s in range(starts[1], starts[1] + len(name))}
+    rows_plain = {i for i in range(len(ids)) if any(torch.allclose(v[i], r) for r in kept_plain)}
+    rows_skip = {i for i in range(len(ids)) if any(torch.allclose(v[i], r) for r in kept_skip)}
+    assert second <= rows_plain and not (second - {starts[1]}) & rows_skip
 
 
 def test_learned_selection_keeps_the_positions_its_scorer_ranks_first_in_every_layer(smol_tokenizer, tiny_llama):
