@@ -401,7 +401,7 @@ class PretrainConfig:
     system: str = opt("dynamic_prefix@p32", "the dynamic-prefix system whose knowledge encoder is pretrained "
                       "(P from its tag, the rest from knowledge_encoder.*); qa.train with train.init_from starts "
                       "the system of this name from it")
-    max_steps: int = opt(200, "optimizer steps")
+    max_steps: int = opt(200, "optimizer steps (0: no training, only the dev report of objective=salience)")
     stop_at_step: int = opt(0, "stop after this step and save state (0 = run to max_steps); continue with --resume")
     batch_size: int = opt(8, "segments per step")
     lr: float = opt(3e-3, "peak learning rate (AdamW, linear warmup then cosine decay)")
@@ -421,7 +421,10 @@ class PretrainConfig:
                                      "objective's cross-entropy (answers are ~10% of a SQuAD paragraph's tokens)")
     dev_segments: int = opt(200, "objective=salience with split=train: segments of dev articles (those with "
                             "questions) on which each save reports how many answers the scorer's top P keep whole "
-                            "(dev_answers_kept) and its answer-token recall (dev_recall_at_p); 0 = none")
+                            "(dev_answers_kept), its answer-token recall (dev_recall_at_p), the median rank of an "
+                            "answer's last token (dev_answer_rank_median) and how many an oracle that knew the "
+                            "answers could keep in P positions (dev_oracle_kept); with max_steps=0 and init_from "
+                            "it only reports these for a trained scorer; 0 = none")
     reconstruct_tokens: int = opt(320, "segment tokens restated and scored per segment at most (objective=reconstruct)")
     context_fraction: list[float] = opt([0.5, 0.8], "each segment is cut at a uniformly drawn fraction in this "
                                         "range of its tokens: the part before is compressed, the part after is "

@@ -124,6 +124,29 @@ def answers_kept(occurrences: Sequence[Sequence[range]], kept: set[int]) -> tupl
     return whole, found
 
 
+def oracle_kept(occurrences: Sequence[Sequence[range]], slots: int) -> int:
+    """How many of a segment's answers (each one's `answer_occurrences`) a selection that knew them could keep
+    whole in `slots` positions: greedily the answer that adds the fewest new positions first, each by its
+    shortest occurrence. The ceiling of any question-agnostic exact-token selection at that P."""
+    spans = [set(min(spans, key=len)) for spans in occurrences if spans]
+    kept: set[int] = set()
+    whole = 0
+    while spans:
+        spans.sort(key=lambda span: len(span - kept))
+        if len(kept | spans[0]) > slots:
+            break
+        kept |= spans.pop(0)
+        whole += 1
+    return whole
+
+
+def answer_rank(spans: Sequence[range], rank: dict[int, int]) -> int | None:
+    """The score rank (0 = first) at which an answer, given its occurrences `spans`, is kept whole: the rank
+    of its best occurrence's lowest-ranked token; None when the answer does not occur."""
+    ranks = [max(rank[i] for i in span) for span in spans]
+    return min(ranks) if ranks else None
+
+
 def salience_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, pos_weight: float) -> torch.Tensor:
     """Binary cross-entropy over the real tokens; logits, labels, mask (N, n). Answers are ~10% of tokens, so
     positives weigh `pos_weight` times a negative."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,10 @@ from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.kvzip import REPEAT_PROMPT
 from knowledge_encoder.salience import (
     answer_occurrences,
+    answer_rank,
     answer_token_labels,
     answers_kept,
+    oracle_kept,
     recall_at,
     salience_loss,
     skip_repeats,
@@ -243,7 +246,8 @@ class Pretrainer:
         """How well the scorer's top P of held-out dev segments hold their questions' answers."""
         encoder = self.acc.unwrap_model(self.model).encoder
         tokenizer = self.template.tokenizer
-        whole = found = hit_tokens = answer_tokens = 0
+        whole = found = hit_tokens = answer_tokens = oracle = 0
+        ranks: list[int] = []
         size = self.cfg.pretrain.batch_size
         for start in range(0, len(self.dev_ids), size):
             chunk = self.dev_ids[start : start + size]
@@ -255,14 +259,20 @@ class Pretrainer:
             for row, sid in enumerate(chunk):
                 n = int(features.mask[row].sum())
                 ids = features.ids[row, :n].tolist()
-                top = set(logits[row, :n].topk(min(encoder.slots, n)).indices.tolist())
+                order = logits[row, :n].argsort(descending=True).tolist()
+                top = set(order[: encoder.slots])
                 occurrences = [answer_occurrences(ids, a, tokenizer) for a in self.dev_answers[sid]]
                 w, f = answers_kept(occurrences, top)
                 whole, found = whole + w, found + f
+                oracle += oracle_kept(occurrences, encoder.slots)
+                rank = {pos: r for r, pos in enumerate(order)}
+                ranks += [r for r in (answer_rank(spans, rank) for spans in occurrences) if r is not None]
                 answer_positions = {i for spans in occurrences for span in spans for i in span}
                 hit_tokens += len(answer_positions & top)
                 answer_tokens += len(answer_positions)
         return {"dev_answers_kept": whole / max(found, 1), "dev_recall_at_p": hit_tokens / max(answer_tokens, 1),
+                "dev_oracle_kept": oracle / max(found, 1),
+                "dev_answer_rank_median": statistics.median(ranks) if ranks else None,
                 "dev_answers": found, "dev_segments": len(self.dev_ids)}
 
     def evaluate(self) -> None:

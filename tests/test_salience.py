@@ -13,8 +13,10 @@ from knowledge_encoder.backbones import LMBackbone, feature_kind
 from knowledge_encoder.encoder import KnowledgeEncoder
 from knowledge_encoder.salience import (
     answer_occurrences,
+    answer_rank,
     answer_token_labels,
     answers_kept,
+    oracle_kept,
     recall_at,
     skip_repeats,
 )
@@ -51,6 +53,18 @@ def test_recall_at_counts_answer_tokens_among_the_top_scores():
     labels = torch.tensor([[True, False, True, False], [True, False, False, False]])
     assert recall_at(logits, labels, 2) == pytest.approx(1 / 3)
     assert recall_at(logits, labels, 3) == pytest.approx(1.0)
+
+
+def test_oracle_kept_fills_the_slots_with_the_cheapest_answers_first():
+    occurrences = [[range(0, 4)], [range(10, 11), range(20, 22)], [range(30, 32)], []]  # 4, 1 (or 2), 2 tokens
+    assert oracle_kept(occurrences, 3) == 2  # the 1-token and the 2-token answers; the 4-token one does not fit
+    assert oracle_kept(occurrences, 7) == 3 and oracle_kept(occurrences, 0) == 0
+
+
+def test_answer_rank_is_the_rank_of_the_best_occurrences_last_token():
+    rank = {0: 5, 1: 0, 2: 9, 3: 1}
+    assert answer_rank([range(0, 2), range(2, 4)], rank) == 5  # max(5, 0) = 5 beats max(9, 1) = 9
+    assert answer_rank([], rank) is None
 
 
 def test_skip_repeats_keeps_a_repeated_name_once_and_both_names_sharing_a_first_token():
