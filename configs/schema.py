@@ -211,6 +211,13 @@ class KnowledgeEncoderConfig:
         "hidden features (started at zero, so training starts from the per-token scorer), so it can learn to "
         "keep the rest of a name or a number once one of its tokens is kept",
     )
+    scorer_layers: int = opt(
+        0,
+        "self-attention layers (4 heads, width 128) the learned selection scorer runs over the whole segment's "
+        "token features before scoring (after scorer_window's convolution): a token can then be judged by the "
+        "segment around it at any distance (whose fact it belongs to, whether it names the title entity), which "
+        "a window cannot see; 0 = none",
+    )
     select_skip_repeats: bool = opt(
         False,
         "learned selection (select_scores=learned) passes over a position that repeats a token already kept in "

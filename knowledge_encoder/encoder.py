@@ -156,7 +156,8 @@ class KnowledgeEncoder(nn.Module):
             if self.slots and cfg.compressor == "select":
                 self.pool = KVSelect(self.slots)
                 if cfg.select_scores == "learned":
-                    self.scorer = SalienceScorer(num_layers, kv_heads, head_dim, window=cfg.scorer_window)
+                    self.scorer = SalienceScorer(num_layers, kv_heads, head_dim, window=cfg.scorer_window,
+                                                 layers=cfg.scorer_layers)
             elif self.slots and cfg.compressor == "memory":
                 if lm is None:
                     raise ValueError("the memory compressor needs the LM (its memory tokens run through it)")

@@ -23,10 +23,13 @@ from torch import nn
 class SalienceScorer(nn.Module):
     """values[l] (N, H, n, D) for every layer -> (N, n) logits: is this token part of an answer?"""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, hidden: int = 128, window: int = 0):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, hidden: int = 128, window: int = 0,
+                 layers: int = 0):
         super().__init__()
         if window < 0:
             raise ValueError(f"knowledge_encoder.scorer_window must be >= 0, got {window}")
+        if layers < 0:
+            raise ValueError(f"knowledge_encoder.scorer_layers must be >= 0, got {layers}")
         width = num_layers * kv_heads * head_dim
         self.norm = nn.LayerNorm(width, elementwise_affine=False)  # layers' values differ in scale by 10x and more
         self.hidden = nn.Linear(width, hidden)
@@ -37,6 +40,12 @@ class SalienceScorer(nn.Module):
             self.context = nn.Conv1d(hidden, hidden, 2 * window + 1, padding=window, groups=hidden)
             nn.init.zeros_(self.context.weight)
             nn.init.zeros_(self.context.bias)
+        self.mixer = None
+        if layers:
+            # Pre-norm self-attention over the segment: whose fact a name belongs to is often sentences away.
+            block = nn.TransformerEncoderLayer(hidden, nhead=4, dim_feedforward=2 * hidden, dropout=0.0,
+                                               activation="gelu", batch_first=True, norm_first=True)
+            self.mixer = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, values: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -47,6 +56,8 @@ class SalienceScorer(nn.Module):
         if self.context is not None:
             h = h.masked_fill(~mask[..., None], 0.0)  # padding is no one's neighbour
             h = h + self.context(h.transpose(1, 2)).transpose(1, 2)  # conv over n: (N, hidden, n)
+        if self.mixer is not None:
+            h = self.mixer(h, src_key_padding_mask=~mask)  # (N, n, hidden)
         logits = self.out(h).squeeze(-1)
         return logits.masked_fill(~mask, float("-inf"))
 

@@ -130,7 +130,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-s
 # behaviour of that time, not today's default (pool_rope and slot_bias changed default when measured better).
 LEGACY_ENCODER_KEYS = {"pool_rope": "post", "slot_bias": False, "compressor": "pool", "encode_lora_rank": 0,
                        "select_scores": "kvzip", "scorer_window": 0,
-                       "select_skip_repeats": False}
+                       "select_skip_repeats": False, "scorer_layers": 0}
 
 
 def saved_encoder_config(saved: dict) -> KnowledgeEncoderConfig:

@@ -185,3 +185,25 @@ def test_a_windowed_scorer_starts_as_the_per_token_one_and_ignores_padding(smol_
     n = int(feats.mask[0].sum())
     assert n < feats.mask.shape[1] and torch.allclose(both[0, :n], alone[0, :n], atol=1e-5)
     assert not torch.allclose(both[0, :n], plain(feats.values, feats.mask)[0, :n])
+
+
+def test_an_attention_scorer_reads_the_whole_segment_and_ignores_padding(smol_tokenizer, tiny_llama):
+    backbone = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 96)
+    feats = backbone.features([TextSegment("Kaive", TEXT[:40]), TextSegment("Kaive", TEXT)])
+    scorer = KnowledgeEncoder(learned(prefix_slots=5, scorer_layers=1), tiny_llama.config).scorer.eval()
+    torch.nn.init.normal_(scorer.out.weight)
+    with torch.no_grad():
+        both = scorer(feats.values, feats.mask)
+        alone = scorer([v[:1] for v in feats.values], feats.mask[:1])
+        # Changing the last real token's features changes the first token's score: attention spans the segment.
+        n = int(feats.mask[1].sum())
+        changed = [v.clone() for v in feats.values]
+        for v in changed:
+            v[1, :, n - 1] = torch.randn_like(v[1, :, n - 1])  # (a constant shift would be normalised away)
+        moved = scorer(changed, feats.mask)
+    m = int(feats.mask[0].sum())
+    assert m < feats.mask.shape[1] and torch.allclose(both[0, :m], alone[0, :m], atol=1e-5)
+    assert torch.isinf(both[0, m:]).all()
+    assert not torch.allclose(moved[1, 0], both[1, 0]) and torch.allclose(moved[0], both[0])
+    with pytest.raises(ValueError, match="scorer_layers"):
+        KnowledgeEncoder(learned(prefix_slots=5, scorer_layers=-1), tiny_llama.config)
