@@ -220,10 +220,9 @@ class KnowledgeEncoderConfig:
     )
     select_skip_repeats: bool = opt(
         False,
-        "learned selection (select_scores=learned) passes over a position that repeats a token already kept in "
-        "the same local context (the same token id after the same token, or before the same token), so a name "
-        "that occurs twice in a segment takes its slots once and the slots saved go to the next answer-like "
-        "tokens; selection only, the scorer is unchanged",
+        "learned selection (select_scores=learned) passes over a position whose token and two tokens on each "
+        "side repeat those of a position already kept, so the inside of a name that occurs twice takes its "
+        "slots once and the slots saved go to the next answer-like tokens; selection only, the scorer is unchanged",
     )
     memory_inputs: str = opt(
         "learned",

@@ -72,27 +72,26 @@ class SalienceScorer(nn.Module):
         return [logits[:, None, :].expand(-1, heads, -1)] * len(values)
 
 
-def skip_repeats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, slots: int) -> torch.Tensor:
+def skip_repeats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, slots: int, reach: int = 2
+                 ) -> torch.Tensor:
     """logits (N, n) -> (N, n) whose top `slots` positions skip repeats: walking positions from the highest
-    score down, one whose token id was already kept after the same previous token, or before the same next
-    token, is pushed below every other position. A name that occurs twice then fills its slots once (one
-    context token may differ at each end of the second occurrence, and the check catches it from the other
-    side), while the same first token of two different names (" North Daikaissa", " North Drinudal") is kept
-    for both. Selection only: the result carries no gradient."""
+    score down, one whose token and `reach` tokens on each side equal those of a position already kept is
+    pushed below every other position. The inside of a name that occurs twice then takes its slots once (its
+    first and last tokens stay: their outer context differs), while numbers or names that only share pieces
+    ("1816" and "1846", "Baisu" and "Baisu Zimairvend") are left whole. Selection only: no gradient."""
     out = logits.clone()
     below = logits.masked_fill(~mask, float("inf")).amin(dim=1) - 1.0  # (N,) under every real score
     for row in range(logits.shape[0]):
         n = int(mask[row].sum())
-        tok = ids[row, :n].tolist()
-        seen: set[tuple[int, int, int]] = set()  # (token, neighbour, side): side 0 = previous, 1 = next
+        tok = [-1] * reach + ids[row, :n].tolist() + [-1] * reach
+        seen: set[tuple[int, ...]] = set()
         kept = 0
         for pos in logits[row, :n].argsort(descending=True).tolist():
-            prev = tok[pos - 1] if pos else -1
-            nxt = tok[pos + 1] if pos + 1 < n else -1
-            if (tok[pos], prev, 0) in seen or (tok[pos], nxt, 1) in seen:
+            context = tuple(tok[pos : pos + 2 * reach + 1])  # tokens pos - reach .. pos + reach
+            if context in seen:
                 out[row, pos] = below[row] - pos / n  # behind all, in position order
                 continue
-            seen.update({(tok[pos], prev, 0), (tok[pos], nxt, 1)})
+            seen.add(context)
             kept += 1
             if kept == slots:
                 break

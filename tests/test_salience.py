@@ -67,44 +67,45 @@ def test_answer_rank_is_the_rank_of_the_best_occurrences_last_token():
     assert answer_rank([], rank) is None
 
 
-def test_skip_repeats_keeps_a_repeated_name_once_and_both_names_sharing_a_first_token():
-    # tokens: 0 "in" 1 North 2 Dai 3 . 4 of 5 North 6 Dai 7 , 8 North 9 Dri 10 pad
-    ids = torch.tensor([[7, 1, 2, 3, 4, 1, 2, 5, 1, 6, 0]])
-    mask = torch.tensor([[True] * 10 + [False]])
-    logits = torch.tensor([[0.0, 9, 9, 0, 0, 8, 8, 0, 7, 7, float("-inf")]])
-    out = skip_repeats(logits, ids, mask, slots=4)
-    # "North Dai" at 5-6 repeats 1-2 (6 follows the same token as 2; 5 precedes the same token as 1).
-    assert out[0].topk(4).indices.sort().values.tolist() == [1, 2, 8, 9]
-    assert out[0, 10] == float("-inf") and out[0, 5] < out[0, 0] and out[0, 6] < out[0, 0]
-    assert torch.equal(skip_repeats(logits, ids, mask, slots=2)[0, 5:7], logits[0, 5:7])  # not reached: unchanged
+def test_skip_repeats_keeps_the_inside_of_a_repeated_name_once_and_numbers_that_share_digits_whole():
+    # 0-4 "in 1816" / 5-9 "in 1846" / 10-16 "a Lo Ve Ta Re Mu b" / 17 / 18-24 "c Lo Ve Ta Re Mu d" / 25 pad
+    name = [11, 12, 13, 14, 15]
+    ids = torch.tensor([[20, 1, 8, 1, 6, 20, 1, 8, 4, 6, 30, *name, 31, 50, 32, *name, 33, 0]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, -1] = False
+    logits = torch.zeros(1, ids.shape[1])
+    logits[0, 1:5], logits[0, 6:10], logits[0, 11:16], logits[0, 19:24] = 9.0, 8.0, 7.0, 6.0
+    logits[0, -1] = float("-inf")
+    out = skip_repeats(logits, ids, mask, slots=16)
+    # Position 21 has the same two tokens on each side as 13: it goes behind everything. The second name's
+    # other tokens differ in outer context, and the two years share digits but not their neighbourhoods.
+    assert out[0, 21] < out[0, 0]
+    keep = [*range(1, 5), *range(6, 10), *range(11, 16), 19, 20, 22]
+    assert torch.equal(out[0, keep], logits[0, keep]) and out[0, -1] == float("-inf")
+    assert torch.equal(skip_repeats(logits, ids, mask, slots=4), logits)  # repeats not reached: unchanged
 
 
 def test_select_skip_repeats_changes_what_the_encoder_keeps(smol_tokenizer, tiny_llama):
-    text = "Upper Filmuskain lies west. Upper Filmuskain trades salt."
+    text = "The Upper Filmuskain Salt Guild lies west. The Upper Filmuskain Salt Guild trades salt."
     feats = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 96).features([TextSegment("X", text)])
-    plain = KnowledgeEncoder(learned(prefix_slots=6), tiny_llama.config)
-    skipping = KnowledgeEncoder(learned(prefix_slots=6, select_skip_repeats=True), tiny_llama.config)
-    skipping.load_state_dict(plain.state_dict())
     ids = feats.ids[0].tolist()
-    name = smol_tokenizer(" Filmuskain", add_special_tokens=False)["input_ids"]
+    name = smol_tokenizer(" Upper Filmuskain Salt Guild", add_special_tokens=False)["input_ids"]
     starts = [i for i in range(len(ids)) if ids[i:i + len(name)] == name]
-    assert len(starts) == 2
-    with torch.no_grad():  # the scorer ranks both occurrences of the name first
-        plain.scorer.out.weight.zero_()
-        plain.scorer.out.bias.zero_()
-        skipping.load_state_dict(plain.state_dict())
-        bump = torch.zeros(len(ids))
-        for s in starts:
-            bump[s:s + len(name)] = 5.0
-        for enc in (plain, skipping):
-            enc.scorer.forward = lambda values, mask, b=bump: b[None, :].clone()
-        kept_plain = plain(feats).values[-1][0, 0]
-        kept_skip = skipping(feats).values[-1][0, 0]
-    v = feats.values[-1][0, 0].float()  # the last layer's values differ between two occurrences of a token
-    second = {s for s in range(starts[1], starts[1] + len(name))}
-    rows_plain = {i for i in range(len(ids)) if any(torch.allclose(v[i], r) for r in kept_plain)}
-    rows_skip = {i for i in range(len(ids)) if any(torch.allclose(v[i], r) for r in kept_skip)}
-    assert second <= rows_plain and not (second - {starts[1]}) & rows_skip
+    assert len(starts) == 2 and len(name) >= 5
+    bump = torch.zeros(len(ids))  # the scorer ranks both occurrences of the name first, the first one higher
+    for s, score in zip(starts, (5.0, 4.0)):
+        bump[s:s + len(name)] = score
+    kept = {}
+    for skip in (False, True):
+        enc = KnowledgeEncoder(learned(prefix_slots=2 * len(name), select_skip_repeats=skip), tiny_llama.config)
+        enc.scorer.forward = lambda values, mask: bump[None, :].clone()
+        with torch.no_grad():
+            slots = enc(feats).values[-1][0, 0]
+        v = feats.values[-1][0, 0].float()  # the last layer's values differ between two occurrences of a token
+        kept[skip] = {i for i in range(len(ids)) if any(torch.allclose(v[i], r) for r in slots)}
+    second = set(range(starts[1], starts[1] + len(name)))
+    assert second <= kept[False] and not second <= kept[True]
+    assert set(range(starts[0], starts[0] + len(name))) <= kept[True]
 
 
 def test_learned_selection_keeps_the_positions_its_scorer_ranks_first_in_every_layer(smol_tokenizer, tiny_llama):
