@@ -23,7 +23,7 @@ from knowledge_encoder.compress import KVAttentionPool, KVSelect, slot_mask
 from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.memory import MemoryTokens
 from knowledge_encoder.rope import Rope
-from knowledge_encoder.salience import SalienceScorer
+from knowledge_encoder.salience import SalienceScorer, skip_repeats
 from lm.prefix import Prefix
 
 
@@ -192,8 +192,8 @@ class KnowledgeEncoder(nn.Module):
             keys, values = features.keys, features.values
             if isinstance(self.pool, KVSelect) and not full:
                 if self.scorer is not None:
-                    repeats = self.cfg.select_skip_repeats and features.ids is not None
-                    scores = self.scorer.layer_scores(values, mask, features.ids if repeats else None, self.slots)
+                    heads = values[0].shape[1]
+                    scores = [self.selection_scores(features)[:, None, :].expand(-1, heads, -1)] * len(values)
                 else:
                     scores = features.scores
                 if scores is None:
@@ -221,6 +221,19 @@ class KnowledgeEncoder(nn.Module):
             keys = [self.heads(hidden, layer, 0) for layer in range(num_layers)]
             values = [self.heads(hidden, layer, 1) for layer in range(num_layers)]
         return Prefix(keys=keys, values=values, mask=mask.contiguous(), next_position=self.next_position, bias=bias)
+
+    def selection_scores(self, features: SegmentFeatures) -> torch.Tensor:
+        """(N, n) scores of the learned scorer whose top `slots` positions the select compressor keeps, in every
+        layer and head (-inf at padding); with select_skip_repeats, repeats of a kept position rank last."""
+        if self.scorer is None:
+            raise ValueError("selection_scores needs knowledge_encoder.select_scores=learned")
+        logits = self.scorer(features.values, features.mask)
+        if not self.cfg.select_skip_repeats:
+            return logits
+        if features.ids is None:
+            raise ValueError("knowledge_encoder.select_skip_repeats needs the segments' token ids "
+                             "(SegmentFeatures.ids); features without them cannot tell a repeat")
+        return skip_repeats(logits.detach(), features.ids, features.mask, self.slots)
 
     def format_prefix(self, batch: int) -> Prefix | None:
         return None if self.format is None else self.format(batch)

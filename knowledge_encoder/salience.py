@@ -61,16 +61,6 @@ class SalienceScorer(nn.Module):
         logits = self.out(h).squeeze(-1)
         return logits.masked_fill(~mask, float("-inf"))
 
-    def layer_scores(self, values: Sequence[torch.Tensor], mask: torch.Tensor, ids: torch.Tensor | None = None,
-                     slots: int = 0) -> list[torch.Tensor]:
-        """The same (N, H, n) score for every layer and head: one set of positions is kept for all of them.
-        With token `ids` (N, n) and `slots`, repeats of a kept token are moved behind the rest (skip_repeats)."""
-        logits = self(values, mask)
-        if ids is not None and slots:
-            logits = skip_repeats(logits.detach(), ids, mask, slots)
-        heads = values[0].shape[1]
-        return [logits[:, None, :].expand(-1, heads, -1)] * len(values)
-
 
 def skip_repeats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, slots: int, reach: int = 2
                  ) -> torch.Tensor:

@@ -51,7 +51,6 @@ from knowledge_encoder.salience import (
     oracle_kept,
     recall_at,
     salience_loss,
-    skip_repeats,
 )
 from lm.forward import forward_with_prefix
 from lm.prefix import Prefix
@@ -253,9 +252,7 @@ class Pretrainer:
             chunk = self.dev_ids[start : start + size]
             segments = [TextSegment(s.title, s.text) for s in self.store.get_many(chunk)]
             features = self.cache.get(segments, self.acc.device)
-            logits = encoder.scorer(features.values, features.mask)
-            if encoder.cfg.select_skip_repeats:  # what the encoder keeps, not just the scorer's top P
-                logits = skip_repeats(logits, features.ids, features.mask, encoder.slots)
+            logits = encoder.selection_scores(features)  # what the encoder keeps, repeats rule included
             for row, sid in enumerate(chunk):
                 n = int(features.mask[row].sum())
                 ids = features.ids[row, :n].tolist()

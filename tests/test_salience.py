@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -106,6 +107,15 @@ def test_select_skip_repeats_changes_what_the_encoder_keeps(smol_tokenizer, tiny
     second = set(range(starts[1], starts[1] + len(name)))
     assert second <= kept[False] and not second <= kept[True]
     assert set(range(starts[0], starts[0] + len(name))) <= kept[True]
+
+
+def test_select_skip_repeats_without_token_ids_is_an_error_not_a_silent_fallback(smol_tokenizer, tiny_llama):
+    feats = LMBackbone(tiny_llama, PromptTemplate(smol_tokenizer), 96).features([TextSegment("Kaive", TEXT)])
+    enc = KnowledgeEncoder(learned(prefix_slots=5, select_skip_repeats=True), tiny_llama.config)
+    with torch.no_grad():
+        enc(feats)  # with ids: fine
+        with pytest.raises(ValueError, match="select_skip_repeats needs the segments' token ids"):
+            enc(dataclasses.replace(feats, ids=None))
 
 
 def test_learned_selection_keeps_the_positions_its_scorer_ranks_first_in_every_layer(smol_tokenizer, tiny_llama):
