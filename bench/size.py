@@ -4,9 +4,10 @@ Measured on disk in the configured run_dir (store, embeddings, index) and in the
 (`bench.work_dir/prefixes/<system>`, built by the QA-latency section over a subset of segments);
 per-segment figures divide by the number of segments each holds. The prefix store's size follows from
 the LM's shape, so it is also computed for P = 10, 32 and P = segment length (the mean LM-token length
-of the store's segments) at `knowledge_encoder.store_dtype` and at int8:
+of the store's segments) at `knowledge_encoder.store_dtype`, int8 and int4:
     L layers x {K, V} x H_kv heads x P slots x head_dim x bytes + P mask bytes + an 8-byte id,
-    plus, for int8, float16 scales: L x H_kv x head_dim (keys, per channel) + L x H_kv x P (values, per slot).
+    plus, for int8, float16 scales: L x H_kv x head_dim (keys, per channel) + L x H_kv x P (values, per slot);
+    int4 has half a byte per code and a float16 minimum beside each scale.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from data_prep.store import SegmentStore
 
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1, "int4": 0.5}
+SCALES_PER_GROUP = {"int8": 1, "int4": 2}  # float16 scale (+ minimum for int4) per quantisation group
 
 
 def _files_bytes(directory: Path, pattern: str) -> int:
@@ -26,7 +28,7 @@ def _files_bytes(directory: Path, pattern: str) -> int:
 
 def prefix_bytes_per_segment(layers: int, kv_heads: int, head_dim: int, slots: float, dtype: str) -> float:
     """Bytes of one segment's prefix in the store (see the module docstring)."""
-    scales = layers * kv_heads * (head_dim + slots) * 2 if dtype == "int8" else 0
+    scales = layers * kv_heads * (head_dim + slots) * 2 * SCALES_PER_GROUP.get(dtype, 0)
     return layers * 2 * kv_heads * slots * head_dim * DTYPE_BYTES[dtype] + scales + slots + 8
 
 
@@ -107,6 +109,7 @@ def run(cfg) -> dict:
         return {
             "P=8": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 8, dt)),
             "P=32": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 32, dt)),
+            "P=64": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, 64, dt)),
             f"P=n ({tokens:.0f})": round(prefix_bytes_per_segment(layers, kv_heads, head_dim, tokens, dt)),
         }
 
@@ -115,7 +118,7 @@ def run(cfg) -> dict:
         "dtype": dtype,
         "mean_segment_tokens": round(tokens, 1),
         "bytes_per_segment": sizes(dtype),
-        "bytes_per_segment_by_dtype": {dt: sizes(dt) for dt in dict.fromkeys([dtype, "bfloat16", "int8"])},
+        "bytes_per_segment_by_dtype": {dt: sizes(dt) for dt in dict.fromkeys([dtype, "bfloat16", "int8", "int4"])},
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out

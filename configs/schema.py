@@ -266,9 +266,10 @@ class KnowledgeEncoderConfig:
     max_segment_tokens: int = opt(320, "segment length cap in LM tokens")
     store_dtype: str = opt(
         "bfloat16",
-        "dtype of the prefix store: bfloat16, float16, float32, or int8 (keys quantised per channel, values per "
-        "slot, float16 scales: about half of bf16)",
-        choices=("float16", "bfloat16", "float32", "int8"),
+        "dtype of the prefix store: bfloat16, float16, float32, int8 (keys quantised per channel, values per "
+        "slot, float16 scales: about half of bf16) or int4 (the same groups, asymmetric 4-bit codes packed two "
+        "per byte, float16 scales and minima: about a quarter of bf16)",
+        choices=("float16", "bfloat16", "float32", "int8", "int4"),
     )
     batch_size: int = opt(16, "segments per batch in precompute")
     store_shard_rows: int = opt(0, "prefixes per prefix-store shard, the unit of resume of precompute "

@@ -436,6 +436,8 @@ def test_size_section_matches_the_files(tiny):
     assert computed["bytes_per_segment"]["P=8"] == 2 * 2 * 2 * 8 * 24 * 2 + 8 + 8
     int8 = computed["bytes_per_segment_by_dtype"]["int8"]["P=8"]
     assert int8 == 2 * 2 * 2 * 8 * 24 * 1 + 2 * 2 * (24 + 8) * 2 + 8 + 8
+    int4 = computed["bytes_per_segment_by_dtype"]["int4"]["P=8"]  # half a byte a code, a minimum beside each scale
+    assert int4 == 2 * 2 * 2 * 8 * 24 // 2 + 2 * 2 * (24 + 8) * 2 * 2 + 8 + 8
     assert "| faiss index |" in size.to_markdown(r)
 
 

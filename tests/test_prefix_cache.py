@@ -1,4 +1,4 @@
-"""Prefix store dtypes (bf16, int8), the on-disk LRU prefix cache, and serving from store + cache + encoder."""
+"""Prefix store dtypes (bf16, int8, int4), the on-disk LRU prefix cache, and serving from store + cache + encoder."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from knowledge_encoder.backbones import LMBackbone
 from knowledge_encoder.encoder import KnowledgeEncoder
 from knowledge_encoder.prefix_cache import PrefixCache
 from knowledge_encoder.prefix_store import PrefixStore, PrefixStoreWriter
+from lm.prefix import Prefix
 from lm.prompting import PromptTemplate, TextSegment
 from qa.batching import Batcher, Example, FeatureCache
 from qa.model import PrefixQAModel
@@ -37,13 +38,13 @@ def _features(lm, tokenizer, segments=SEGMENTS):
     return LMBackbone(lm, PromptTemplate(tokenizer), 64).features(segments)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2e-2), ("int8", 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("bfloat16", 2e-2), ("int8", 3e-2), ("int4", 8e-2)])
 def test_codec_round_trip_within_tolerance(smol_tokenizer, tiny_llama, dtype, tol):
     with torch.no_grad():
         prefix = _encoder(tiny_llama)(_features(tiny_llama, smol_tokenizer))
     back = prefix_codec.decode(prefix_codec.encode(prefix, dtype), prefix.next_position)
     for a, b in zip(prefix.keys + prefix.values, back.keys + back.values):
-        # relative to each tensor's scale: int8 keeps ~1/254 of a channel's range
+        # relative to each tensor's scale: int8 keeps ~1/254 of a channel's range, int4 1/15 of a group's
         assert (a - b).abs().max() <= tol * a.abs().max()
     torch.testing.assert_close(back.bias, prefix.bias)
     assert torch.equal(back.mask, prefix.mask)
@@ -55,6 +56,28 @@ def test_int8_halves_bf16_bytes_per_segment(smol_tokenizer, tiny_llama):
     bf16 = prefix_codec.row_bytes(prefix_codec.encode(prefix, "bfloat16"))
     int8 = prefix_codec.row_bytes(prefix_codec.encode(prefix, "int8"))
     assert int8 < 0.62 * bf16
+
+
+def test_int4_packs_two_codes_a_byte_and_restores_values_on_its_grid_exactly():
+    # Each (layer, head, slot) row of values spans 0..15 in steps of 1 in a shuffled order, and each key channel
+    # spans 0..15 over the slots: 4 bits hold them exactly, so any mix-up of the nibbles or groups shows.
+    torch.manual_seed(0)
+    grid = torch.stack([torch.randperm(16).float() for _ in range(2 * 3 * 16)]).view(2, 3, 16, 16)  # (N, H, P, D)
+    keys = [grid.transpose(2, 3).contiguous(), grid.transpose(2, 3).contiguous() * 0.5 - 2.0]
+    values = [grid, grid * 3.0 + 1.0]
+    prefix = Prefix(keys=keys, values=values, mask=torch.ones(2, 16, dtype=torch.bool), next_position=64)
+    rows = prefix_codec.encode(prefix, "int4")
+    assert rows["keys"].dtype == torch.uint8 and rows["keys"].shape == (2, 2, 3, 16, 8)
+    back = prefix_codec.decode(rows, prefix.next_position)
+    for a, b in zip(prefix.keys + prefix.values, back.keys + back.values):
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=1e-3)  # float16 scales and minima are exact here
+
+
+def test_int4_quarters_bf16_bytes_per_segment(smol_tokenizer, tiny_llama):
+    with torch.no_grad():
+        prefix = _encoder(tiny_llama, slots=32, bias=False)(_features(tiny_llama, smol_tokenizer))
+    bf16 = prefix_codec.row_bytes(prefix_codec.encode(prefix, "bfloat16"))
+    assert prefix_codec.row_bytes(prefix_codec.encode(prefix, "int4")) < 0.36 * bf16
 
 
 def test_lru_cache_evicts_the_least_recently_used_and_recomputes(tmp_path, smol_tokenizer, tiny_llama):
