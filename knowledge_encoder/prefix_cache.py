@@ -29,6 +29,9 @@ class PrefixCache(DiskLRU):
         rows = super().get(key)
         return None if rows is None else prefix_codec.decode(rows, self.next_position, device)
 
-    def put(self, key: str, prefix: Prefix) -> None:
-        """Store one segment's prefix (1, H, P, D per layer), then evict the least recently used beyond max_bytes."""
-        super().put(key, prefix_codec.encode(prefix, self.dtype))
+    def put(self, key: str, prefix: Prefix) -> Prefix:
+        """Store one segment's prefix (1, H, P, D per layer), then evict the least recently used beyond max_bytes.
+        Returns the prefix as the cache will give it back (at the cache's dtype), on the prefix's device."""
+        rows = prefix_codec.encode(prefix, self.dtype)
+        super().put(key, rows)
+        return prefix_codec.decode(rows, self.next_position, prefix.mask.device)

@@ -2,7 +2,9 @@
 
 Per segment: the precomputed store (`all`, by segment id), else the on-disk LRU cache (`cache`, by a hash of
 the segment's text), else the knowledge encoder over the segment's features, whose result then goes into the
-cache. The prefix the LM reads is the same whichever way each segment came (up to the store's dtype).
+cache. The prefix the LM reads is the same whichever way each segment came: a segment computed on a cache
+miss is read as the cache stores it (at `knowledge_encoder.store_dtype`), so a cold and a warm cache answer
+alike.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ class PrefixSource:
                 one = computed.select([row])
                 if not model.encoder.slots:  # full length: drop this segment's padding
                     one = _trim(one, int(one.mask.sum()))
-                parts[j] = one
-                if self.cache is not None:
-                    self.cache.put(keys[j], one)
+                # Read what the cache keeps, not the fresh prefix: an answer must not depend on whether its
+                # segment was a hit (a quantised store dtype changes the K,V a little).
+                parts[j] = one if self.cache is None else self.cache.put(keys[j], one)
             self.computed += len(missing)
         return stack_segments(parts)
 

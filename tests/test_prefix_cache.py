@@ -134,3 +134,24 @@ def test_serving_from_store_cache_and_encoder_gives_the_encoders_prefix(tmp_path
             torch.testing.assert_close(want.bias, got.bias)
     assert source.from_store == 4 and source.computed == 2
     assert cache.stats()["hits"] == 2 and cache.stats()["misses"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_cold_and_warm_quantised_cache_read_the_same_prefix(tmp_path, smol_tokenizer, tiny_llama, dtype):
+    # Regression: a cache miss used the fresh fp32 prefix while a hit read the quantised one, so the same question
+    # could get another answer on a second run, and a one-pass evaluation measured the store dtype's effect on none.
+    template = PromptTemplate(smol_tokenizer)
+    enc = _encoder(tiny_llama)
+    model = PrefixQAModel(parse_system("dynamic_prefix@p4"), tiny_llama, enc)
+    batcher = Batcher(template, FeatureCache(LMBackbone(tiny_llama, template, 64)), "cpu")
+    examples = [Example("Where?", SEGMENTS[0:2], [0, 1])]
+    cache = PrefixCache(tmp_path / "c", {"dtype": dtype, "next_position": enc.next_position}, 1 << 30)
+    source = PrefixSource(cache=cache)
+    with torch.no_grad():
+        fresh = model.prefix(batcher.build(examples, parse_system("dynamic_prefix@p4"), with_labels=False))
+        cold = source.prefix(model, examples, batcher, "cpu")
+        warm = source.prefix(model, examples, batcher, "cpu")
+    assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 2
+    for a, b in zip(cold.keys + cold.values, warm.keys + warm.values):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.values, cold.values))  # the dtype did change them
