@@ -224,6 +224,14 @@ class KnowledgeEncoderConfig:
         "side repeat those of a position already kept, so the inside of a name that occurs twice takes its "
         "slots once and the slots saved go to the next answer-like tokens; selection only, the scorer is unchanged",
     )
+    select_gather_mentions: bool = opt(
+        False,
+        "learned selection (select_scores=learned) keeps each repeated name or number in one of its occurrences: "
+        "walking positions from the highest score down, a pick inside a mention (a run of capitalised or numeric "
+        "words) moves to the same token of that mention's first-picked occurrence, so its slots add up to one "
+        "whole copy instead of parts of several, and the slots saved go to the next-ranked tokens; selection "
+        "only (the scorer is unchanged); needs the LM's tokenizer; not with select_skip_repeats",
+    )
     memory_inputs: str = opt(
         "learned",
         "what the `memory` compressor's P tokens read in: `learned` embeddings (started as P random vocabulary "

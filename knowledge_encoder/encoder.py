@@ -17,11 +17,13 @@ import math
 import torch
 from torch import nn
 
+from common.errors import UserError
 from configs.schema import KnowledgeEncoderConfig
 from knowledge_encoder.adapter import EncodeAdapter
 from knowledge_encoder.compress import KVAttentionPool, KVSelect, slot_mask
 from knowledge_encoder.features import SegmentFeatures
 from knowledge_encoder.memory import MemoryTokens
+from knowledge_encoder.mentions import MentionFinder, gather_mentions
 from knowledge_encoder.rope import Rope
 from knowledge_encoder.salience import SalienceScorer, skip_repeats
 from lm.prefix import Prefix
@@ -140,10 +142,17 @@ class FormatSlots(nn.Module):
 class KnowledgeEncoder(nn.Module):
     """Segment features -> one Prefix per segment, plus the format slots shared by every question."""
 
-    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None, lm=None):
-        """`lm` (the frozen LM, held by reference, never a sub-module) is needed by an encode adapter only."""
+    def __init__(self, cfg: KnowledgeEncoderConfig, lm_config, feature_dim: int | None = None, lm=None,
+                 tokenizer=None):
+        """`lm` (the frozen LM, held by reference, never a sub-module) is needed by an encode adapter only;
+        `tokenizer` (the LM's) by select_gather_mentions only, loaded from the LM's path when not given."""
         super().__init__()
+        if cfg.select_gather_mentions and cfg.select_skip_repeats:
+            raise UserError("knowledge_encoder.select_gather_mentions and select_skip_repeats are two rules for "
+                            "the same repeats: set one of them")
         self.cfg = cfg
+        self._lm_path = getattr(lm_config, "_name_or_path", "") or ""
+        self._mentions = MentionFinder(tokenizer) if tokenizer is not None else None
         self.feature_dim = feature_dim
         num_layers, kv_heads, head_dim = lm_dims(lm_config)
         self.slots = cfg.prefix_slots or 0  # 0 = one slot per segment token
@@ -224,16 +233,36 @@ class KnowledgeEncoder(nn.Module):
 
     def selection_scores(self, features: SegmentFeatures) -> torch.Tensor:
         """(N, n) scores of the learned scorer whose top `slots` positions the select compressor keeps, in every
-        layer and head (-inf at padding); with select_skip_repeats, repeats of a kept position rank last."""
+        layer and head (-inf at padding); with select_skip_repeats, repeats of a kept position rank last; with
+        select_gather_mentions, a repeated mention's picks are moved onto one of its occurrences."""
         if self.scorer is None:
             raise ValueError("selection_scores needs knowledge_encoder.select_scores=learned")
         logits = self.scorer(features.values, features.mask)
-        if not self.cfg.select_skip_repeats:
+        rule = "select_skip_repeats" if self.cfg.select_skip_repeats else (
+            "select_gather_mentions" if self.cfg.select_gather_mentions else None)
+        if rule is None:
             return logits
         if features.ids is None:
-            raise ValueError("knowledge_encoder.select_skip_repeats needs the segments' token ids "
+            raise ValueError(f"knowledge_encoder.{rule} needs the segments' token ids "
                              "(SegmentFeatures.ids); features without them cannot tell a repeat")
-        return skip_repeats(logits.detach(), features.ids, features.mask, self.slots)
+        if self.cfg.select_skip_repeats:
+            return skip_repeats(logits.detach(), features.ids, features.mask, self.slots)
+        return gather_mentions(logits, features.ids, features.mask, self.slots, self.mention_finder())
+
+    def mention_finder(self) -> MentionFinder:
+        """The LM tokenizer's mention finder, loaded from the LM's path on first use when none was given."""
+        if self._mentions is None:
+            from transformers import AutoTokenizer
+
+            if not self._lm_path:
+                raise ValueError("knowledge_encoder.select_gather_mentions needs the LM's tokenizer: pass "
+                                 "tokenizer= to KnowledgeEncoder (the LM config names no path to load it from)")
+            try:
+                self._mentions = MentionFinder(AutoTokenizer.from_pretrained(self._lm_path))
+            except OSError as err:
+                raise ValueError(f"knowledge_encoder.select_gather_mentions needs the LM's tokenizer; it could not "
+                                 f"be loaded from {self._lm_path}: {err}") from err
+        return self._mentions
 
     def format_prefix(self, batch: int) -> Prefix | None:
         return None if self.format is None else self.format(batch)

@@ -69,7 +69,8 @@ def new_model(system: SystemName, cfg: Config, lm, template: PromptTemplate, fea
     """A freshly initialised trainable system (warm-started from the LM's own K,V)."""
     encoder = static = None
     if system.kind.dynamic:
-        encoder = KnowledgeEncoder(encoder_config(system, cfg), lm.config, feature_dim, lm=lm)
+        encoder = KnowledgeEncoder(encoder_config(system, cfg), lm.config, feature_dim, lm=lm,
+                                   tokenizer=template.tokenizer)
         if encoder.format is not None:
             encoder.format.init_from(instruction_prefix(lm, template, cfg.knowledge_encoder.format_slots))
     if system.kind.static:
@@ -130,7 +131,7 @@ SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-s
 # behaviour of that time, not today's default (pool_rope and slot_bias changed default when measured better).
 LEGACY_ENCODER_KEYS = {"pool_rope": "post", "slot_bias": False, "compressor": "pool", "encode_lora_rank": 0,
                        "select_scores": "kvzip", "scorer_window": 0,
-                       "select_skip_repeats": False, "scorer_layers": 0}
+                       "select_skip_repeats": False, "scorer_layers": 0, "select_gather_mentions": False}
 
 
 def saved_encoder_config(saved: dict) -> KnowledgeEncoderConfig:
