@@ -231,7 +231,7 @@ def run(cfg, progress: bool = True) -> dict:
         from qa.checkpoint import load_models
 
         models = load_models(Path(b.qa_checkpoint), [str(s) for s in dynamic], lm,
-                             {"lm_layers": lm.config.hidden_size}, cfg.lm.model)
+                             {"lm_layers": lm.config.hidden_size}, cfg.lm.model, tokenizer=tokenizer)
     else:
         models = {
             str(s): new_model(s, cfg, lm, template, backbone.feature_dim)

@@ -225,12 +225,12 @@ class KnowledgeEncoderConfig:
         "slots once and the slots saved go to the next answer-like tokens; selection only, the scorer is unchanged",
     )
     select_gather_mentions: bool = opt(
-        False,
+        True,
         "learned selection (select_scores=learned) keeps each repeated name or number in one of its occurrences: "
         "walking positions from the highest score down, a pick inside a mention (a run of capitalised or numeric "
         "words) moves to the same token of that mention's first-picked occurrence, so its slots add up to one "
         "whole copy instead of parts of several, and the slots saved go to the next-ranked tokens; selection "
-        "only (the scorer is unchanged); needs the LM's tokenizer; not with select_skip_repeats",
+        "only (the scorer is unchanged); needs the LM's tokenizer; set it false to use select_skip_repeats",
     )
     memory_inputs: str = opt(
         "learned",

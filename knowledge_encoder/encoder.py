@@ -148,8 +148,8 @@ class KnowledgeEncoder(nn.Module):
         `tokenizer` (the LM's) by select_gather_mentions only, loaded from the LM's path when not given."""
         super().__init__()
         if cfg.select_gather_mentions and cfg.select_skip_repeats:
-            raise UserError("knowledge_encoder.select_gather_mentions and select_skip_repeats are two rules for "
-                            "the same repeats: set one of them")
+            raise UserError("knowledge_encoder.select_gather_mentions (on by default) and select_skip_repeats are two "
+                            "rules for the same repeats: set one of them (select_gather_mentions=false to skip repeats)")
         self.cfg = cfg
         self._lm_path = getattr(lm_config, "_name_or_path", "") or ""
         self._mentions = MentionFinder(tokenizer) if tokenizer is not None else None

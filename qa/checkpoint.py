@@ -196,8 +196,9 @@ def read_manifest(directory: Path) -> dict:
 
 
 def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, int | None] | None = None,
-                lm_spec: str | None = None) -> dict[str, PrefixQAModel]:
-    """Load the named systems (checkpoint sub-folders) for `lm`; refuses another LM or a missing system."""
+                lm_spec: str | None = None, tokenizer=None) -> dict[str, PrefixQAModel]:
+    """Load the named systems (checkpoint sub-folders) for `lm`; refuses another LM or a missing system.
+    `tokenizer` (the LM's) serves encoders that select by mention (else they load it from the LM's path)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     want = lm_fingerprint(lm.config)
@@ -220,7 +221,7 @@ def load_models(directory: Path, names: list[str], lm, feature_dims: dict[str, i
         if system.kind.dynamic:
             kcfg = saved_encoder_config(manifest["systems"][name]["knowledge_encoder"])
             dim = manifest["systems"][name].get("feature_dim") or (feature_dims or {}).get(kcfg.backbone)
-            encoder = KnowledgeEncoder(kcfg, lm.config, dim, lm=lm)
+            encoder = KnowledgeEncoder(kcfg, lm.config, dim, lm=lm, tokenizer=tokenizer)
             encoder.load_state_dict(_load_weights(sub / ENCODER_WEIGHTS, directory))
         if system.kind.static:
             try:

@@ -50,7 +50,8 @@ def precompute(cfg, systems: list[str] | None = None, progress: bool = True) -> 
     lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, cfg.device, cfg.lm.dtype)
     template = PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
     store = SegmentStore.open(Path(cfg.run_dir) / "store")
-    models = load_models(checkpoint, names, lm, {"lm_layers": lm.config.hidden_size}, cfg.lm.model)
+    models = load_models(checkpoint, names, lm, {"lm_layers": lm.config.hidden_size}, cfg.lm.model,
+                         tokenizer=tokenizer)
     device = next(lm.parameters()).device
     report = {}
     for name, model in models.items():

@@ -80,7 +80,8 @@ def _prefix_worker(cfg, checkpoint: str, name: str, encoder_sha: str, store_path
                         "driver: the checkpoint differs on that node or changed during the run")
     lm, tokenizer = load_lm(cfg.lm.model, cfg.cache_dir, cfg.device, cfg.lm.dtype)
     template = PromptTemplate(tokenizer, cfg.lm.system_prompt, cfg.lm.max_question_chars)
-    model = load_models(Path(checkpoint), [name], lm, {"lm_layers": lm.config.hidden_size}, cfg.lm.model)[name]
+    model = load_models(Path(checkpoint), [name], lm, {"lm_layers": lm.config.hidden_size}, cfg.lm.model,
+                        tokenizer=tokenizer)[name]
     device = next(lm.parameters()).device
     backbone = build_backbone(model.encoder.cfg, lm, template, cfg.retriever.model, device)
     store = SegmentStore.open(store_path)

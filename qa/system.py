@@ -177,7 +177,8 @@ class QASystem:
             # Keyed without the ablation: `dynamic_prefix~random` reads dynamic_prefix's weights (model_for).
             wanted = {str(SystemName(s.base, s.tag)): checkpoint_name(s, held) for s in trained}
             feature_dims = {"lm_kv": None, "lm_layers": lm.config.hidden_size}
-            models = load_models(directory, sorted(set(wanted.values())), lm, feature_dims, cfg.lm.model)
+            models = load_models(directory, sorted(set(wanted.values())), lm, feature_dims, cfg.lm.model,
+                                 tokenizer=tokenizer)
             model_names = wanted
         qa = cls(QASettings.from_config(cfg), lm, tokenizer, retriever, models, model_names)
         if trained:

@@ -38,7 +38,9 @@ def tiny_cfg(tmp_path_factory, smol_tokenizer):
 
 
 def learned(**kw) -> KnowledgeEncoderConfig:
-    return KnowledgeEncoderConfig(**{"compressor": "select", "select_scores": "learned", "format_slots": 0, **kw})
+    """Plain learned selection: these tests pin what the scorer's own top P is (mentions: tests/test_mentions.py)."""
+    return KnowledgeEncoderConfig(**{"compressor": "select", "select_scores": "learned", "format_slots": 0,
+                                     "select_gather_mentions": False, **kw})
 
 
 def test_answer_token_labels_mark_every_occurrence_and_count_answers_found(smol_tokenizer):
