@@ -101,6 +101,8 @@ def assemble(out: Path, entries: list[str], overrides: dict[str, dict] | None = 
                 info["knowledge_encoder"] = dataclasses.asdict(kcfg)
                 info["prefix_slots"] = kcfg.prefix_slots or 0
                 _rewrite_config(tmp / name / "config.yaml", overrides[name])
+                # The source's metrics measured the encoder before these changes: they do not describe this one.
+                info.pop("metrics", None)
             # A system copied from an assembled checkpoint (e.g. the shipped model, to add a system to it) keeps
             # the run it was trained in; `via` records the copy.
             if "source" in info:

@@ -101,3 +101,19 @@ def test_reassembling_an_assembled_checkpoint_keeps_where_each_system_was_traine
     kept = manifest["systems"]["dynamic_prefix@pfull"]["source"]
     assert kept["checkpoint"] == str(tmp_path / "a") and kept["step"] == 5 and kept["via"] == str(tmp_path / "shipped")
     assert manifest["systems"]["rag_text_tuned"]["source"]["step"] == 9
+
+
+def test_encoder_overrides_drop_the_metrics_of_the_encoder_before_them(tmp_path, smol_tokenizer, tiny_llama):
+    """Regression: deriving a variant (--encoder) from an entry with recorded metrics copied those metrics onto
+    the variant, so a shipped manifest could list another encoder's EM for it."""
+    import json
+
+    _checkpoint(tmp_path / "a", tiny_llama, smol_tokenizer, ["dynamic_prefix@pfull"], 5)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"n": 3, "systems": {"dynamic_prefix@pfull": {"k": 1, "em": 0.5}}}))
+    assemble(tmp_path / "m", [f"{tmp_path / 'a'}:dynamic_prefix@pfull"], metrics=[metrics])
+    src = f"{tmp_path / 'm'}:dynamic_prefix@pfull"
+    manifest = assemble(tmp_path / "o", [src, f"{src}=dynamic_prefix@p4"],
+                        {"dynamic_prefix@p4": {"compressor": "select", "prefix_slots": 4}})
+    assert manifest["systems"]["dynamic_prefix@pfull"]["metrics"][0]["em"] == 0.5  # unchanged copy: kept
+    assert "metrics" not in manifest["systems"]["dynamic_prefix@p4"]
