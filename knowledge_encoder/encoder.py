@@ -238,11 +238,10 @@ class KnowledgeEncoder(nn.Module):
         if self.scorer is None:
             raise ValueError("selection_scores needs knowledge_encoder.select_scores=learned")
         logits = self.scorer(features.values, features.mask)
-        rule = "select_skip_repeats" if self.cfg.select_skip_repeats else (
-            "select_gather_mentions" if self.cfg.select_gather_mentions else None)
-        if rule is None:
+        if not (self.cfg.select_skip_repeats or self.cfg.select_gather_mentions):
             return logits
         if features.ids is None:
+            rule = "select_skip_repeats" if self.cfg.select_skip_repeats else "select_gather_mentions"
             raise ValueError(f"knowledge_encoder.{rule} needs the segments' token ids "
                              "(SegmentFeatures.ids); features without them cannot tell a repeat")
         if self.cfg.select_skip_repeats:
