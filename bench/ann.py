@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from bench.machine import release_free_memory, rss_bytes
-from retriever.faiss_index import FaissIndex, expand_factory
+from retriever.faiss_index import FaissIndex, expand_factory, resolve_factory
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,11 @@ def param_grid(index: FaissIndex, *, nprobe_values, ef_values, k_factors) -> lis
 
 def _search(index: FaissIndex, queries, k, params):
     return index.search(
-        queries, k, nprobe=params.get("nprobe"), ef_search=params.get("ef_search"), k_factor=params.get("k_factor")
+        queries,
+        k,
+        nprobe=params.get("nprobe"),
+        ef_search=params.get("ef_search"),
+        k_factor=params.get("k_factor"),
     )
 
 
@@ -130,7 +134,7 @@ def ann_candidate(
     n, dim = vectors.shape
     release_free_memory()
     rss0 = rss_bytes()
-    index = FaissIndex.create(expand_factory(factory, nlist), dim, use_gpu="false")
+    index = FaissIndex.create(expand_factory(resolve_factory(factory, n, dim), nlist), dim, use_gpu="false")
     ivf = faiss.try_extract_index_ivf(index.cpu_index)
     reused = False
     t0 = time.perf_counter()
@@ -195,9 +199,10 @@ def ann_candidate(
 
 def best_row(candidates: list[dict], k: int, recall_goal: float) -> dict | None:
     """The fastest setting of any candidate with recall@k >= recall_goal (None if none reaches it)."""
-    good = [(r["qps"], c["factory"], r) for c in candidates for r in c["rows"] if r[f"recall@{k}"] >= recall_goal]
+    good = [
+        (r["qps"], c["factory"], r) for c in candidates for r in c["rows"] if r[f"recall@{k}"] >= recall_goal
+    ]
     if not good:
         return None
     qps, factory, row = max(good, key=lambda t: t[0])
     return {"factory": factory, **row}
-

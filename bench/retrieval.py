@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.ann import ann_candidate, best_row, index_bytes, recall_at  # noqa: F401  (index_bytes: tests use it here)
 from bench.retrieval_scale import retrieval_scale
-from retriever.faiss_index import FaissIndex, expand_factory
+from retriever.faiss_index import FaissIndex, expand_factory, resolve_factory
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,9 @@ def compressed_variant(
     """
     ivf = faiss.extract_index_ivf(trained.cpu_index)
     nlist, dim = ivf.nlist, ivf.d
-    index = FaissIndex.create(expand_factory(factory, nlist), dim, use_gpu="false")
+    index = FaissIndex.create(
+        expand_factory(resolve_factory(factory, len(vectors), dim), nlist), dim, use_gpu="false"
+    )
     new_ivf = faiss.extract_index_ivf(index.cpu_index)
     if new_ivf.nlist != nlist:
         raise ValueError(
@@ -289,8 +291,12 @@ def to_markdown(r: dict) -> str:
 
 def _as_candidates(ivf_factory: str, rows: list[dict], variants: list[dict]) -> list[dict]:
     """The IVFFlat and the compressed codecs in `bench.ann.best_row`'s form (rows with params)."""
+
     def conv(rs):
-        return [{**{key: v for key, v in r.items() if key != "nprobe"}, "params": {"nprobe": r["nprobe"]}} for r in rs]
+        return [
+            {**{key: v for key, v in r.items() if key != "nprobe"}, "params": {"nprobe": r["nprobe"]}}
+            for r in rs
+        ]
 
     return [{"factory": ivf_factory, "rows": conv(rows)}] + [
         {"factory": v["factory"], "rows": conv(v["by_nprobe"])} for v in variants

@@ -149,14 +149,18 @@ class RetrieverConfig:
 
 @dataclass
 class IndexConfig:
-    factory: str = opt("IVF{nlist},Flat", "faiss factory string; `{nlist}` is filled in (e.g. `Flat`, `IVF{nlist},SQ8`)")
+    factory: str = opt("auto", "faiss factory string, `{nlist}` filled in (e.g. `Flat`, `IVF{nlist},Flat`, "
+                               "`IVF{nlist},SQ8,Refine(Flat)`), or auto: `IVF{nlist},Flat` below 1M vectors, "
+                               "`IVF{nlist},PQ{dim}x4fs,RFlat` (fast-scan codes, exact re-ranking, no live removal) "
+                               "from 1M on")
     nlist: int = opt(0, "IVF lists (0 = about 4*sqrt(N), capped so each centroid has >= 39 training points)")
     nprobe: int = opt(0, "IVF lists visited per query (0 = automatic: enough lists to scan ~20k vectors, at "
                          "least 16; every list of a corpus under ~20k segments)")
     hnsw_ef_search: int = opt(0, "HNSW candidate list per query, of an `HNSW32,Flat` index or of the HNSW coarse "
                                  "quantizer of `IVF{nlist}_HNSW32,Flat` (0 = automatic: max(64, 2k))")
     refine_k_factor: float = opt(0.0, "a re-ranked index (`IVF{nlist},SQ8,Refine(Flat)`, `...,RFlat`) re-scores "
-                                      "k * this many candidates with the exact vectors (0 = automatic: 4)")
+                                      "k * this many candidates with the exact vectors (0 = automatic: 4; 8 "
+                                      "after SQ4 codes, 32 after 4-bit fast-scan PQ codes)")
     embed_dtype: str = opt("float16", "dtype of the stored embedding matrix", choices=("float16", "float32"))
     shard_size: int = opt(4096, "segments per embedding shard (the unit of resume)")
     train_sample: int = opt(0, "vectors used to train the IVF quantizer (0 = min(N, 256 * nlist))")
@@ -552,11 +556,13 @@ class BenchConfig:
     fit_embeddings: list[str] = opt([], "embedding folders the mixture is fitted to (empty = run_dir/embeddings)")
     compression: list[str] = opt(["IVF{nlist},SQ8", "IVF{nlist},PQ96", "IVF{nlist},PQ48"],
                                  "compressed IVF codecs compared with IVFFlat on the same coarse quantizer")
-    ann_factories: list[str] = opt(["HNSW32,Flat", "IVF{nlist}_HNSW32,Flat", "IVF{nlist},SQ8,Refine(Flat)"],
+    ann_factories: list[str] = opt(["IVF{nlist}_HNSW32,Flat", "IVF{nlist},SQ8,Refine(Flat)",
+                                    "IVF{nlist},PQ{dim}x4fs,RFlat"],
                                    "ANN index.factory strings the retrieval benchmark measures beside IVFFlat "
-                                   "(`{nlist}` = the IVFFlat's lists, whose centroids they reuse)")
+                                   "(`{nlist}` = the IVFFlat's lists, whose centroids they reuse; `{dim}` = the "
+                                   "vectors' dimension)")
     ann_ef_search_values: list[int] = opt([32, 64, 128, 256], "HNSW efSearch values measured for graph indexes")
-    ann_k_factors: list[float] = opt([2.0, 4.0, 8.0], "re-rank k_factor values measured for Refine indexes")
+    ann_k_factors: list[float] = opt([2.0, 8.0, 32.0], "re-rank k_factor values measured for Refine indexes")
     encode_segments: int = opt(96, "segments encoded per dtype in the encoding-throughput benchmark")
     encode_tokens: int = opt(288, "tokens per encoded segment ([CLS] and [SEP] included)")
     encode_batch_size: int = opt(16, "segments per encoder forward pass")

@@ -3,8 +3,9 @@
 Reads `run_dir/store/`, embeds every segment with `retriever.model` into `run_dir/embeddings/`
 (sharded, resumable: rerun after a crash and it continues at the first unfinished shard; `compute.engine=ray`
 encodes the batches on Ray Data actors, retriever/embed_ray.py, into the same shards), then builds
-the vector store of `index.backend`: faiss (default) builds `index.factory` (default `IVF{nlist},Flat`,
-inner product; nlist from `index.nlist` or about 4·√N) trained on a random sample and writes
+the vector store of `index.backend`: faiss (default) builds `index.factory` (default `auto`:
+`IVF{nlist},Flat` below 1M vectors, `IVF{nlist},PQ{dim}x4fs,RFlat` from there; inner product; nlist from
+`index.nlist` or about 4·√N) trained on a random sample and writes
 `run_dir/index/` (index.faiss + manifest.json) atomically; milvus inserts the vectors into a new Milvus
 collection (`index.milvus_*`, retriever/milvus_store.py) and publishes it with run_dir/index/manifest.json.
 Vectors go in with the store's segment ids, in batches. A rebuild drops live additions.
@@ -24,7 +25,7 @@ from configs.window import check_window_fits_encoder
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder
-from retriever.faiss_index import default_nlist, expand_factory
+from retriever.faiss_index import default_nlist, expand_factory, resolve_factory
 from retriever.vector_store import (
     StoreOptions,
     VectorStore,
@@ -43,7 +44,7 @@ TRAIN_SAMPLE_BYTES = 4 << 30
 def index_embeddings(
     emb: Embeddings,
     *,
-    factory: str = "IVF{nlist},Flat",
+    factory: str = "auto",
     nlist: int = 0,
     train_sample: int = 0,
     use_gpu: str = "auto",
@@ -59,7 +60,11 @@ def index_embeddings(
     nlist = nlist or default_nlist(n)
     options = options or StoreOptions(use_gpu=use_gpu)
     index = create_store(
-        options, emb.dim, factory=expand_factory(factory, nlist), nlist=nlist, index_dir=Path(index_dir or ".")
+        options,
+        emb.dim,
+        factory=expand_factory(resolve_factory(factory, n, emb.dim), nlist),
+        nlist=nlist,
+        index_dir=Path(index_dir or "."),
     )
     try:
         _fill(index, emb, train_sample=train_sample, seed=seed)
@@ -99,9 +104,15 @@ def check_store_fits_encoder(store: SegmentStore, encoder: Encoder, configured: 
         return  # a store written without the builder's window (tests, toy stores)
     prefix = encoder.passage_prefix
     prefix_tokens = len(encoder.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
-    limit_from = "retriever.max_seq_length" if limit >= configured else f"the positions of encoder {encoder.info.name}"
+    limit_from = (
+        "retriever.max_seq_length" if limit >= configured else f"the positions of encoder {encoder.info.name}"
+    )
     check_window_fits_encoder(
-        window, limit, prefix_tokens, limit_from=limit_from, window_from=f"the window of {store.path}",
+        window,
+        limit,
+        prefix_tokens,
+        limit_from=limit_from,
+        window_from=f"the window of {store.path}",
         fix=" and rebuild the store (python -m data_prep.build)",
     )
 
@@ -163,7 +174,9 @@ def build_index(
     return manifest
 
 
-def _save(cfg, index: VectorStore, run_dir: Path, store, encoder, emb_manifest: dict, t_embed: float, t1: float) -> dict:
+def _save(
+    cfg, index: VectorStore, run_dir: Path, store, encoder, emb_manifest: dict, t_embed: float, t1: float
+) -> dict:
     t_index = time.perf_counter() - t1
     return save_index_dir(
         run_dir / "index",

@@ -9,6 +9,7 @@ import pytest
 
 from common.errors import UserError
 from retriever.faiss_index import (
+    AUTO_COMPRESSED_FROM,
     AUTO_NPROBE_SCAN,
     FaissIndex,
     auto_nprobe,
@@ -16,6 +17,7 @@ from retriever.faiss_index import (
     expand_factory,
     load_index_dir,
     read_manifest,
+    resolve_factory,
     save_index_dir,
 )
 
@@ -196,7 +198,9 @@ def test_hnsw_ef_search_is_applied_and_automatic(tmp_path, data):
     with pytest.raises(UserError, match="hnsw_ef_search must be >= 0"):
         index.search(q, 10, ef_search=-1)
     # the configured value travels with load (index.hnsw_ef_search), not in the file
-    save_index_dir(tmp_path / "index", index, {"encoder": {"name": "enc", "fingerprint": "f"}, "store_fingerprint": "s"})
+    save_index_dir(
+        tmp_path / "index", index, {"encoder": {"name": "enc", "fingerprint": "f"}, "store_fingerprint": "s"}
+    )
     loaded, _ = load_index_dir(tmp_path / "index", use_gpu="false", hnsw_ef_search=200)
     assert loaded.ef_search == 200
     loaded.search(q[:1], 10)
@@ -245,11 +249,60 @@ def test_refine_reranks_with_exact_vectors_under_store_ids(data):
     assert set(deep.ravel()) <= set(ids)
     assert _recall(deep, truth) > 0.95 > _recall(plain, truth)
     np.testing.assert_allclose(scores[:, 0], truth_scores[:, 0], rtol=1e-5)  # exact scores after re-ranking
-    assert index.resolve_k_factor(0) == 4.0 and index.search_settings(10, nprobe=0)["k_factor"] == 1.0
+    assert index.resolve_k_factor(0) == 32.0 and index.search_settings(10, nprobe=0)["k_factor"] == 1.0
     with pytest.raises(UserError, match="Refine"):
         index.remove([1000])
     with pytest.raises(UserError, match="refine_k_factor"):
         index.search(q, 10, k_factor=0.5)
+
+
+@pytest.mark.parametrize(
+    ("factory", "auto"),
+    [("IVF8,PQ16x4fs,RFlat", 32.0), ("IVF8,SQ4,Refine(Flat)", 8.0), ("IVF8,SQ8,Refine(Flat)", 4.0)],
+)
+def test_automatic_k_factor_follows_the_compressed_stage(data, factory, auto):
+    x, _ = data
+    index = FaissIndex.create(factory, 16, use_gpu="false")
+    index.train(x)
+    assert index.resolve_k_factor(0) == auto and index.resolve_k_factor(3) == 3.0
+
+
+def test_auto_factory_is_ivfflat_below_a_million_and_fast_scan_pq_from_there():
+    assert resolve_factory("auto", AUTO_COMPRESSED_FROM - 1, 384) == "IVF{nlist},Flat"
+    assert resolve_factory("auto", AUTO_COMPRESSED_FROM, 384) == "IVF{nlist},PQ384x4fs,RFlat"
+    assert resolve_factory("auto", AUTO_COMPRESSED_FROM, 7) == "IVF{nlist},Flat"  # PQ needs an even dim here
+    assert resolve_factory("IVF{nlist},SQ8", AUTO_COMPRESSED_FROM, 384) == "IVF{nlist},SQ8"  # explicit wins
+
+
+class _InMemoryEmbeddings:
+    """What `index_embeddings` reads of an embedding directory, over an in-memory matrix."""
+
+    def __init__(self, vectors):
+        self.vectors, self.n, self.dim = vectors, len(vectors), vectors.shape[1]
+
+    def sample(self, size, seed=0):
+        return self.vectors[:size]
+
+    def iter_chunks(self, rows=65536):
+        for off in range(0, self.n, rows):
+            yield np.arange(off, min(off + rows, self.n)), self.vectors[off : off + rows]
+
+
+def test_auto_factory_builds_the_compressed_index_above_its_threshold(data, monkeypatch):
+    """`index_embeddings` resolves `auto` by corpus size; the threshold is lowered so 2,000 vectors cross it."""
+    import retriever.faiss_index as faiss_index
+    from retriever.index import index_embeddings
+
+    x, q = data
+    small = index_embeddings(_InMemoryEmbeddings(x), factory="auto", use_gpu="false")
+    monkeypatch.setattr(faiss_index, "AUTO_COMPRESSED_FROM", 1000)
+    large = index_embeddings(_InMemoryEmbeddings(x), factory="auto", use_gpu="false")
+    assert small.factory.endswith(",Flat") and not small.has_refine
+    assert large.factory.endswith(",PQ16x4fs,RFlat") and large.has_refine
+    assert large.resolve_k_factor(0) == 32.0
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    _, got = large.search(q, 10, nprobe=large.nlist)
+    assert _recall(got, exact) > 0.95
 
 
 def test_search_pads_missing_with_minus_one(data):
