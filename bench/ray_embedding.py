@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import machine_label, machine_record
+from bench.separate import provenance
 from configs.cli import build_parser, parse, run_main
 from data_prep.store import SegmentStore
 from retriever.embed import embed_store, encode_segments
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
                         help="torch threads of the local runs (comma list; 0 = torch's default, this machine's cores)")
     parser.add_argument("--out", default=None, help="also write the report as JSON to this file")
     cfg, ns = parse(parser, argv)
+    started = provenance("bench.ray_embedding", sys.argv[1:] if argv is None else argv)
     report = run(cfg, [int(w) for w in ns.workers.split(",") if w.strip()],
                  [int(t) for t in ns.local_threads.split(",") if t.strip()])
     print(f"{report['segments']} segments, {report['encoder']}, batch {report['batch_size']}; "
@@ -135,6 +138,7 @@ def main(argv=None) -> int:
               f"(first vectors after {row['startup_s']:.1f} s, then {row['steady_segments_per_s']} seg/s)  "
               f"same files as local: {row['same_files_as_local']}")
     if ns.out:
+        report = {**started, **report}
         Path(ns.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from bench import encoding, qa_latency, retrieval, size, training
 from bench.machine import machine_label
+from bench.separate import render_separate
 
 SECTIONS = {
     "retrieval": ("1. Retrieval at scale", retrieval.to_markdown),
@@ -86,7 +87,8 @@ def _sharing(results: dict) -> str:
     return note if (m["load_average_at_start"][0] or 0) > 0.5 * (m["logical_cores"] or 1) else ""
 
 
-def render(results: dict) -> str:
+def render(results: dict, separate: dict[str, dict] | None = None) -> str:
+    """RESULTS.md of `results`, then the separate benchmarks' files (`bench.separate.load_separate`)."""
     m = results["machine"]
     v = m["versions"]
     lines = ["# Benchmark results", ""]
@@ -151,4 +153,5 @@ def render(results: dict) -> str:
         if "goal" in r:
             lines += ["", f"Goal: {r['goal']} — {_met(r)}."]
         lines += ["", fmt(r)]
+    lines += render_separate(separate or {})
     return "\n".join(lines) + "\n"

@@ -15,7 +15,9 @@ Each section runs in its own subprocess (its peak memory is its own, a crash los
 result is kept in `bench.work_dir/partial/<config fingerprint>/`; `--resume` reuses the sections an
 interrupted run finished with the same config. Running only some `--sections` keeps the other
 sections of an existing results.json (each records its own command, date and machine; RESULTS.md marks a
-section measured on another machine than the header's).
+section measured on another machine than the header's). After them RESULTS.md shows the benchmarks that run as
+commands of their own (service load, faiss vs Milvus, Ray embedding: bench/separate.py) from the JSON files
+they wrote into `bench.out_dir`.
 """
 
 from __future__ import annotations
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
 
     def write() -> None:
         from bench.report import render
+        from bench.separate import load_separate
 
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         results["load_average_at_end"] = load_average()
@@ -206,7 +209,9 @@ def main(argv=None) -> int:
         results["development_run"] = bool(reduced) or any(r.get("development_run") for r in flagged.values())
         results["reduced_sizes"] = {k: list(v) for k, v in reduced.items()}
         atomic_write_json(out_dir / "results.json", results)
-        atomic_write_text(out_dir / "RESULTS.md", render(results | {"reduced_sizes": reduced}))
+        atomic_write_text(
+            out_dir / "RESULTS.md", render(results | {"reduced_sizes": reduced}, load_separate(out_dir))
+        )
 
     for name in sections:
         target = partial / f"{name}.json"

@@ -7,7 +7,8 @@ Each client is a thread with its own keep-alive HTTP connection sending `POST /s
 (`--top-k`, questions of run_dir/store cycled, or `--questions FILE`, one a line) back to back until the
 level's `--requests` are done; `--warmup` requests per level are not timed. Reported per level: requests,
 errors (non-200 answers and failed connections, counted, never retried), queries/s over the level's wall
-time, p50/p95/p99 latency in ms. `--json FILE` writes the same numbers.
+time, p50/p95/p99 latency in ms. `--json FILE` writes the same numbers with the command and machine
+(bench/service_load.json is shown in bench/RESULTS.md).
 
 The clients share the machine with the service when both run here (and the Python clients cost CPU of
 their own): on a busy or small machine the numbers are a floor, not the service's capacity. Not part of
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.load import Call, add_load_arguments, load_plan, run_level, table
+from bench.separate import provenance
 
 
 def search_call(questions: Sequence[str], top_k: int) -> Call:
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     parser = build_parser("python -m bench.service_load", __doc__)
     add_load_arguments(parser, "service", requests=400, warmup=20, top_k=5)
     cfg, ns = parse(parser, argv)
+    started = provenance("bench.service_load", sys.argv[1:] if argv is None else argv)
     clients, questions = load_plan(parser, ns, cfg.run_dir)
     if ns.url:
         rows = run_load(ns.url, questions, clients, ns.requests, ns.top_k, ns.warmup)
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
             rows = run_load(url, questions, clients, ns.requests, ns.top_k, ns.warmup)
     print(table(rows))
     if ns.json:
-        Path(ns.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        report = {**started, "rows": rows}
+        Path(ns.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

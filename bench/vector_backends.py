@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.separate import provenance
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
 from data_prep.store import SegmentStore, load_qa
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=10, help="top-k compared (default 10)")
     parser.add_argument("--out", default=None, help="also write the report as JSON to this file")
     cfg, ns = parse(parser, argv)
+    started = provenance("bench.vector_backends", sys.argv[1:] if argv is None else argv)
     report = run(cfg, k=ns.k)
     print(
         f"{report['questions']} {report['split']} questions over {report['segments']} segments ({report['dim']}-d), "
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
             f"as a set {row['same_set']:.4f}"
         )
     if ns.out:
+        report = {**started, **report}
         Path(ns.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -481,6 +481,21 @@ def test_load_check_script_counts_requests_and_errors(url, built):
     assert "| clients | requests | errors | queries/s | p50 ms | p95 ms | p99 ms |" in table(rows)
 
 
+def test_load_check_json_reaches_the_bench_report(url, built, tmp_path):
+    """`--json` writes the rows with the command and machine, which bench/RESULTS.md then shows."""
+    from bench.separate import load_separate, render_separate
+    from bench.service_load import main
+
+    qfile = tmp_path / "questions.txt"
+    qfile.write_text("\n".join(q for _, q, _ in built[4][:3]) + "\n", encoding="utf-8")
+    argv = ["--url", url, "--clients", "1,2", "--requests", "4", "--warmup", "0", "--top-k", "2"]
+    assert main([*argv, "--questions", str(qfile), "--json", str(tmp_path / "service_load.json")]) == 0
+    found = load_separate(tmp_path)["service_load.json"]
+    assert found["command"].startswith("python -m bench.service_load --url ")
+    assert [(r["clients"], r["ok"]) for r in found["rows"]] == [(1, 4), (2, 4)]
+    assert "| 2 | 4 | 0 |" in "\n".join(render_separate({"service_load.json": found}))
+
+
 def test_the_listening_socket_is_tcp_with_nodelay():
     """asyncio sets TCP_NODELAY on accepted sockets only when the listener says it is TCP: without it every
     response on a kept-alive connection waited ~40 ms for the client's delayed ACK."""
