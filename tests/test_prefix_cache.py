@@ -155,3 +155,14 @@ def test_cold_and_warm_quantised_cache_read_the_same_prefix(tmp_path, smol_token
     for a, b in zip(cold.keys + cold.values, warm.keys + warm.values):
         assert torch.equal(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(fresh.values, cold.values))  # the dtype did change them
+
+
+def test_store_dtype_lists_agree():
+    """The store dtypes are named in three places that cannot import each other (configs may not import
+    knowledge_encoder, the layering test says so): the config's choices, the codec and the size bench."""
+    import dataclasses
+
+    from bench.size import DTYPE_BYTES
+
+    field = {f.name: f for f in dataclasses.fields(KnowledgeEncoderConfig)}["store_dtype"]
+    assert set(field.metadata["choices"]) == set(prefix_codec.STORE_DTYPES) == set(DTYPE_BYTES)
