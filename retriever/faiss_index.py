@@ -67,8 +67,8 @@ AUTO_K_FACTOR = 4.0
 AUTO_K_FACTOR_SQ4 = 8.0
 AUTO_K_FACTOR_FAST_SCAN = 32.0
 # index.factory=auto: IVFFlat (exact vectors, removable live) below this many vectors, 4-bit fast-scan PQ codes
-# (one per dimension) re-ranked with the exact vectors from it on. Measured at 1M (README): recall@10 0.975 at
-# 18.9x exact search against IVFFlat's 4.8x at the same nprobe; not measured between 200k and 1M.
+# (one per dimension) re-ranked with the exact vectors from it on. Measured at 1M (bench/RESULTS.md): recall@10
+# 0.975 at 21.9x exact search against IVFFlat's 4.4x at the same nprobe; not measured between 200k and 1M.
 AUTO_FACTORY = "auto"
 AUTO_COMPRESSED_FROM = 1_000_000
 
