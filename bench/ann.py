@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from bench.machine import release_free_memory, rss_bytes
-from retriever.faiss_index import FaissIndex, expand_factory, resolve_factory
+from retriever.faiss_index import FaissIndex, concrete_factory
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def ann_candidate(
     n, dim = vectors.shape
     release_free_memory()
     rss0 = rss_bytes()
-    index = FaissIndex.create(expand_factory(resolve_factory(factory, n, dim), nlist), dim, use_gpu="false")
+    index = FaissIndex.create(concrete_factory(factory, n=n, dim=dim, nlist=nlist), dim, use_gpu="false")
     ivf = faiss.try_extract_index_ivf(index.cpu_index)
     reused = False
     t0 = time.perf_counter()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.machine import machine_label, machine_record
 from bench.separate import provenance
 from configs.cli import build_parser, parse, run_main
 from data_prep.store import SegmentStore
@@ -97,7 +96,6 @@ def measure(cfg, store: SegmentStore, encoder, engine: str, workers: int, out_di
 def run(cfg, workers: list[int], local_threads: list[int]) -> dict:
     store = SegmentStore.open(Path(cfg.run_dir) / "store")
     encoder = Encoder.from_config(cfg)
-    machine = machine_record()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ray-embed-bench-") as tmp:
         for t in local_threads:
@@ -107,8 +105,6 @@ def run(cfg, workers: list[int], local_threads: list[int]) -> dict:
     for row in rows:
         row["same_files_as_local"] = row["shards_sha256"] == rows[0]["shards_sha256"]
     return {
-        "machine": machine,
-        "machine_label": machine_label(machine),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "segments": len(store),
         "encoder": encoder.info.name,
@@ -126,10 +122,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="also write the report as JSON to this file")
     cfg, ns = parse(parser, argv)
     started = provenance("bench.ray_embedding", sys.argv[1:] if argv is None else argv)
-    report = run(cfg, [int(w) for w in ns.workers.split(",") if w.strip()],
-                 [int(t) for t in ns.local_threads.split(",") if t.strip()])
+    report = started | run(cfg, [int(w) for w in ns.workers.split(",") if w.strip()],
+                           [int(t) for t in ns.local_threads.split(",") if t.strip()])
     print(f"{report['segments']} segments, {report['encoder']}, batch {report['batch_size']}; "
-          f"{report['machine_label']}; load average {report['machine']['load_average_at_start']} at start, "
+          f"{report['machine_label']}; load average {report['load_average_at_start']} at start, "
           f"{report['load_average_at_end']} at end")
     for row in report["rows"]:
         name = (f"local, {row['torch_threads']} thread(s)" if row["engine"] == "local"
@@ -138,7 +134,6 @@ def main(argv=None) -> int:
               f"(first vectors after {row['startup_s']:.1f} s, then {row['steady_segments_per_s']} seg/s)  "
               f"same files as local: {row['same_files_as_local']}")
     if ns.out:
-        report = {**started, **report}
         Path(ns.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from bench.ann import ann_candidate, best_row, index_bytes, recall_at  # noqa: F401  (index_bytes: tests use it here)
 from bench.retrieval_scale import retrieval_scale
-from retriever.faiss_index import FaissIndex, expand_factory, resolve_factory
+from retriever.faiss_index import FaissIndex, concrete_factory
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def compressed_variant(
     ivf = faiss.extract_index_ivf(trained.cpu_index)
     nlist, dim = ivf.nlist, ivf.d
     index = FaissIndex.create(
-        expand_factory(resolve_factory(factory, len(vectors), dim), nlist), dim, use_gpu="false"
+        concrete_factory(factory, n=len(vectors), dim=dim, nlist=nlist), dim, use_gpu="false"
     )
     new_ivf = faiss.extract_index_ivf(index.cpu_index)
     if new_ivf.nlist != nlist:

@@ -29,7 +29,7 @@ from common.atomic import atomic_write_json
 from common.errors import UserError
 from configs.cli import build_parser, parse, run_main
 from retriever.embed import Embeddings
-from retriever.faiss_index import FaissIndex, auto_nprobe, default_nlist, expand_factory, resolve_factory
+from retriever.faiss_index import FaissIndex, auto_nprobe, concrete_factory, default_nlist
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def measure(
     t_exact_single = _best_time(lambda: [exact.search(q[None], k) for q in single], 1)
 
     nlist = nlist or default_nlist(n)
-    index = FaissIndex.create(expand_factory(resolve_factory(factory, n, dim), nlist), dim, use_gpu="false")
+    index = FaissIndex.create(concrete_factory(factory, n=n, dim=dim, nlist=nlist), dim, use_gpu="false")
     size = train_sample or min(n, 64 * max(index.nlist, 1))
     rng = np.random.default_rng(seed)
     with PeakRSS() as build_mem:  # peak resident memory of the IVF build (train + add)

@@ -9,7 +9,6 @@ names of SEPARATE_FILES after its own sections, so RESULTS.md keeps them across 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import shlex
@@ -28,7 +27,7 @@ def provenance(module: str, argv: Sequence[str]) -> dict:
     m = machine_record()
     return {
         "command": shlex.join(["python", "-m", module, *argv]),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "date": m["date"],
         "machine": m,
         "machine_label": machine_label(m),
         "load_average_at_start": m["load_average_at_start"],

@@ -107,6 +107,12 @@ def expand_factory(template: str, nlist: int) -> str:
     return template.replace("{nlist}", str(nlist))
 
 
+def concrete_factory(template: str, *, n: int, dim: int, nlist: int) -> str:
+    """The faiss factory string `index.factory` means for n vectors of `dim` in `nlist` lists (`auto` resolved,
+    `{dim}` and `{nlist}` filled in)."""
+    return expand_factory(resolve_factory(template, n, dim), nlist)
+
+
 def gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 

@@ -25,7 +25,7 @@ from configs.window import check_window_fits_encoder
 from data_prep.store import SegmentStore
 from retriever.embed import Embeddings, embed_store
 from retriever.encoder import Encoder
-from retriever.faiss_index import default_nlist, expand_factory, resolve_factory
+from retriever.faiss_index import concrete_factory, default_nlist
 from retriever.vector_store import (
     StoreOptions,
     VectorStore,
@@ -62,7 +62,7 @@ def index_embeddings(
     index = create_store(
         options,
         emb.dim,
-        factory=expand_factory(resolve_factory(factory, n, emb.dim), nlist),
+        factory=concrete_factory(factory, n=n, dim=emb.dim, nlist=nlist),
         nlist=nlist,
         index_dir=Path(index_dir or "."),
     )
