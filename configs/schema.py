@@ -341,6 +341,13 @@ class QAConfig:
         "total (agreeing segments add up); `max` = the single most probable answer",
         choices=("sum", "max"),
     )
+    rerank: str = opt(
+        "none",
+        "top_k > 1: `reader` = score each retrieved segment by a probe on the reader's hidden state after reading "
+        "it alone (fitted by `python -m qa.fit_reranker`, kept as <checkpoint>/<system>/reranker.safetensors), "
+        "then answer from the best-scored segment alone; `none` = read as qa.reading says",
+        choices=("none", "reader"),
+    )
 
 
 @dataclass

@@ -74,6 +74,8 @@ def setups(
                 setup["decoding"] = cfg.qa.decoding
             if cfg.qa.reading != "joint":  # likewise absent for the default
                 setup["reading"] = f"{cfg.qa.reading}:{cfg.qa.reading_rule}:{cfg.qa.no_answer}"
+            if cfg.qa.rerank != "none":
+                setup["rerank"] = cfg.qa.rerank
         if run.system.ablation:
             setup["ablation_seed"] = cfg.seed
         if run.system.trainable:

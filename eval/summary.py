@@ -209,6 +209,7 @@ def run_config(
         "max_new_tokens": cfg.lm.max_new_tokens,
         "decoding": cfg.qa.decoding,
         "reading": cfg.qa.reading if cfg.qa.reading == "joint" else f"{cfg.qa.reading}:{cfg.qa.reading_rule}",
+        "rerank": cfg.qa.rerank,
         "retriever": cfg.retriever.model if retriever is not None else None,
         "index": None
         if retriever is None

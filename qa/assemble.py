@@ -129,7 +129,8 @@ def _add_metrics(manifest: dict, path: Path) -> None:
     sweep = data.get("k_sweep") or {}
     config = data.get("config") or {}
     setup = {"file": str(path), "n": data.get("n"), "split": data.get("split"),
-             "decoding": config.get("decoding", "free"), "reading": config.get("reading", "joint")}
+             "decoding": config.get("decoding", "free"), "reading": config.get("reading", "joint"),
+             "rerank": config.get("rerank", "none")}
     for name, info in manifest["systems"].items():
         if name in rows:
             info.setdefault("metrics", []).append({**setup, "row": name, **rows[name]})

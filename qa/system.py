@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.integrity import verify_file
 from configs.loader import to_dict
 from configs.models import load_lm
 from configs.schema import Config
@@ -30,6 +31,7 @@ from lm.span import SpanConstraint
 from qa.batching import Batcher, Example, FeatureCache
 from qa.checkpoint import MANIFEST, SHIPPED_MODEL, load_models, read_manifest
 from qa.model import PrefixQAModel, QABatch
+from qa.reader_rerank import RERANKER_FILE, ReaderReranker, lm_key, reader_features
 from qa.reading import Candidate, choose_answer
 from qa.systems import SystemName, parse_system
 
@@ -114,6 +116,7 @@ class QASettings:
     reading: str  # qa.reading: joint | each
     reading_rule: str  # qa.reading_rule: sum | max
     no_answer: str  # qa.no_answer: what a reader trained with negatives says where a segment does not answer
+    rerank: str  # qa.rerank: none | reader
     top_k: int  # retriever.top_k
     retriever_model: str  # retriever.model, for the `retriever` knowledge-encoder backbone
     batch_size: int  # eval.batch_size: questions per generation batch
@@ -131,7 +134,7 @@ class QASettings:
         kcfg = cfg.knowledge_encoder
         return cls(
             run_dir=Path(cfg.run_dir), mode=cfg.qa.mode, decoding=cfg.qa.decoding, reading=cfg.qa.reading,
-            reading_rule=cfg.qa.reading_rule, no_answer=cfg.qa.no_answer, top_k=cfg.retriever.top_k,
+            reading_rule=cfg.qa.reading_rule, no_answer=cfg.qa.no_answer, rerank=cfg.qa.rerank, top_k=cfg.retriever.top_k,
             retriever_model=cfg.retriever.model, batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.lm.max_new_tokens, system_prompt=cfg.lm.system_prompt,
             max_question_chars=cfg.lm.max_question_chars, prefix_store=kcfg.prefix_store,
@@ -156,6 +159,7 @@ class QASystem:
         self.model_names = model_names or {}  # system name -> key in self.models
         self._batchers: dict[str, Batcher] = {}
         self.prefix_sources: dict = {}  # system -> qa.prefix_source.PrefixSource (stored or cached prefixes)
+        self.rerankers: dict[str, ReaderReranker] = {}  # system -> its qa.rerank=reader probe
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -183,7 +187,20 @@ class QASystem:
         qa = cls(QASettings.from_config(cfg), lm, tokenizer, retriever, models, model_names)
         if trained:
             qa.attach_prefix_stores(directory)
+            if qa.settings.rerank == "reader":
+                qa.attach_rerankers(directory)
         return qa
+
+    def attach_rerankers(self, checkpoint: Path) -> None:
+        """The `qa.rerank=reader` probe of every loaded system, from <checkpoint>/<system>/reranker.safetensors."""
+        for name in self.models:
+            path = Path(checkpoint) / name / RERANKER_FILE
+            if not path.is_file():
+                raise UserError(f"qa.rerank=reader: {path} does not exist; fit one with `python -m qa.fit_reranker "
+                                f"--config CONFIG qa.checkpoint={checkpoint} qa.mode={name}` or set qa.rerank=none")
+            expected = read_manifest(Path(checkpoint))["systems"].get(name, {}).get("sha256", {}).get(RERANKER_FILE)
+            verify_file(path, expected, "fit it again with `python -m qa.fit_reranker`")
+            self.rerankers[name] = ReaderReranker.load(path, lm_key(self.lm.config))
 
     def attach_prefix_stores(self, checkpoint: Path) -> None:
         """Prefix sources per `knowledge_encoder.prefix_store`: `all` reads run_dir/prefixes/<system> where it
@@ -296,17 +313,22 @@ class QASystem:
             if system.kind.retrieves:
                 chunk_hits = [list(h) for h in hits[start:start + batch_size]] if hits is not None else self.retrieve(chunk, k)
             t1 = time.perf_counter()
-            each = s.reading == "each" and system.kind.retrieves and any(len(hs) > 1 for hs in chunk_hits)
+            read_hits = chunk_hits
+            if s.rerank == "reader" and system.kind.retrieves and any(len(hs) > 1 for hs in chunk_hits):
+                chunk_hits = self.rerank(system, model, chunk, chunk_hits)
+                read_hits = [hs[:1] for hs in chunk_hits]
+            rerank_s = time.perf_counter() - t1
+            each = s.reading == "each" and system.kind.retrieves and any(len(hs) > 1 for hs in read_hits)
             if each:
                 # One row per (question, segment): row r reads segment r % k' of question r // k' alone.
-                rows = [(i, [h]) for i, hs in enumerate(chunk_hits) for h in hs]
+                rows = [(i, [h]) for i, hs in enumerate(read_hits) for h in hs]
             else:
-                rows = list(enumerate(chunk_hits))
+                rows = list(enumerate(read_hits))
             stream = None if on_token is None or each else _Streamer(self.tokenizer, on_token, start, len(chunk))
             read = self._read(system, model, [chunk[i] for i, _ in rows], [hs for _, hs in rows], stream)
             t2, t3 = t1 + read.encode_s, t1 + read.encode_s + read.generate_s
             n = len(chunk)
-            timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1) * 1e3 / n,
+            timings = {"retrieve_ms": (t1 - t0) * 1e3 / n, "encode_ms": (t2 - t1 + rerank_s) * 1e3 / n,
                        "generate_ms": (t3 - t2) * 1e3 / n}
             rows_of: list[list[int]] = [[] for _ in chunk]  # question i -> its rows, in rank order
             for r, (row_q, _) in enumerate(rows):
@@ -330,6 +352,28 @@ class QASystem:
                     candidates=[c.as_row() for c in candidates] if each else [],
                     chosen_rank=chosen.rank if each else None,
                 ))
+        return out
+
+    @torch.no_grad()
+    def rerank(self, system: SystemName, model: PrefixQAModel | None, questions: Sequence[str],
+               hits: Sequence[Sequence]) -> list[list]:
+        """Each question's hits reordered by the system's reader probe (`qa.rerank=reader`), best first."""
+        key = self.model_names.get(str(SystemName(system.base, system.tag)), "")
+        reranker = self.rerankers.get(key)
+        if reranker is None:
+            raise UserError(f"qa.rerank=reader: no reranker is loaded for `{system}` (a trained system's checkpoint "
+                            f"holds one after `python -m qa.fit_reranker`)")
+        rows = [(i, rank, h) for i, hs in enumerate(hits) for rank, h in enumerate(hs)]
+        examples = [Example(questions[i], [TextSegment(h.title, h.text)], [h.segment_id]) for i, _, h in rows]
+        batch, prefix = self.prepare(system, model, examples)
+        features = reader_features(self.lm, batch.input_ids, batch.attention_mask, prefix, reranker.layers,
+                                   torch.tensor([h.score for _, _, h in rows]),
+                                   torch.tensor([rank for _, rank, _ in rows]))
+        scores = reranker.score(features).tolist()
+        out: list[list] = [[] for _ in hits]
+        order = sorted(range(len(rows)), key=lambda r: (rows[r][0], -scores[r], rows[r][1]))  # ties keep rank order
+        for r in order:
+            out[rows[r][0]].append(rows[r][2])
         return out
 
     def _read(self, system: SystemName, model: PrefixQAModel | None, questions: Sequence[str],

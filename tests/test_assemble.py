@@ -72,14 +72,16 @@ def test_assemble_records_eval_metrics_of_its_systems(tmp_path, smol_tokenizer, 
 
     _checkpoint(tmp_path / "a", tiny_llama, smol_tokenizer, ["dynamic_prefix@pfull"], 5)
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"n": 3, "split": "test", "config": {"decoding": "span", "reading": "each:sum"},
+    metrics.write_text(json.dumps({"n": 3, "split": "test", "config": {"decoding": "span", "reading": "each:sum",
+                                                                     "rerank": "reader"},
                                    "systems": {"dynamic_prefix@pfull": {"k": 1, "em": 0.5, "f1": 0.6},
                                                "rag_text": {"em": 0.1}},
                                    "k_sweep": {"dynamic_prefix@pfull": {"1": {"em": 0.5}, "5": {"em": 0.2}},
                                                "rag_text": {"5": {"em": 0.3}}}}))
     manifest = assemble(tmp_path / "o", [f"{tmp_path / 'a'}:dynamic_prefix@pfull"], metrics=[metrics])
     rows = manifest["systems"]["dynamic_prefix@pfull"]["metrics"]
-    setup = {"file": str(metrics), "n": 3, "split": "test", "decoding": "span", "reading": "each:sum"}
+    setup = {"file": str(metrics), "n": 3, "split": "test", "decoding": "span", "reading": "each:sum",
+             "rerank": "reader"}
     # the sweep's k = 1 row is the main row (retriever.top_k = 1): recorded once
     assert rows == [{**setup, "row": "dynamic_prefix@pfull", "k": 1, "em": 0.5, "f1": 0.6},
                     {**setup, "row": "dynamic_prefix@pfull k=5", "k": 5, "em": 0.2}]
